@@ -1,0 +1,1 @@
+"""Outpost's cloud service: bridges edge gateways to an unmodified Kubernetes API."""

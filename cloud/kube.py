@@ -1,0 +1,61 @@
+"""The cloud's Kubernetes client: lightkube's AsyncClient, which runs natively under trio.
+
+Two lightkube features reach for asyncio and so must not be used here: exec-credential
+kubeconfigs, and the watch ``on_error`` retry that sleeps. Watches back off on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from lightkube import AsyncClient
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.core.exceptions import ApiError, ConfigError
+from lightkube.resources.core_v1 import Node
+
+log = logging.getLogger(__name__)
+FIELD_MANAGER = "outpost-cloud"
+
+
+class KubeUnavailable(RuntimeError):
+    """Kubernetes cannot be used: no usable kubeconfig, unreachable, or credentials refused."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    server: str
+    nodes: int
+
+
+def load_config(kubeconfig: Path | None) -> KubeConfig:
+    """The kubeconfig at ``kubeconfig``, else the in-cluster or ``$KUBECONFIG`` one."""
+    try:
+        if kubeconfig is not None:
+            return KubeConfig.from_file(kubeconfig)
+        return KubeConfig.from_env()
+    except (ConfigError, OSError) as exc:
+        where = kubeconfig or "$KUBECONFIG, ~/.kube/config or the in-cluster service account"
+        raise KubeUnavailable(f"no usable kubeconfig at {where}: {exc}") from exc
+
+
+def client(config: KubeConfig) -> AsyncClient:
+    # trust_env=False: proxy variables meant for people must not reroute the apiserver traffic.
+    return AsyncClient(config, field_manager=FIELD_MANAGER, trust_env=False)
+
+
+async def probe(kube: AsyncClient, config: KubeConfig) -> ClusterInfo:
+    """Check that the apiserver answers and accepts our credentials."""
+    server = config.get().cluster.server
+    try:
+        nodes = [node async for node in kube.list(Node)]
+    except httpx2.TransportError as exc:
+        raise KubeUnavailable(f"cannot reach Kubernetes at {server}: {exc}") from exc
+    except ApiError as exc:
+        raise KubeUnavailable(
+            f"Kubernetes at {server} refused to list nodes ({exc.status.code}"
+            f" {exc.status.reason}): {exc.status.message}"
+        ) from exc
+    return ClusterInfo(server=server, nodes=len(nodes))

@@ -1,0 +1,1 @@
+"""Outpost's edge appliance: hub client, store, pods, images, devices, upgrades and the CLI."""

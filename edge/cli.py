@@ -1,0 +1,157 @@
+"""The ``outpost`` command: run the edge agent, join a cloud, inspect the agent, print versions.
+
+Expected failures (a bad flag, an invalid name, a part not built yet) print one line and exit
+non-zero; only a bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+
+from edge import logs
+from edge.version import __version__
+
+DEFAULT_DATA_DIR = Path("/var/lib/outpost")
+# Kubernetes node names are DNS-1123 subdomains.
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+class NotImplementedYet(click.ClickException):
+    """A command whose structure is final but whose behaviour is not built yet."""
+
+    exit_code = 3
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is not implemented yet in outpost {__version__}")
+
+
+def version_info() -> dict[str, str]:
+    """What ``outpost version`` reports; also sent to the cloud as the node's agent version."""
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}/{platform.machine()}",
+    }
+
+
+def validate_node_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > 253 or not _NODE_NAME.fullmatch(value):
+        raise click.BadParameter(
+            f"{value!r} is not a valid node name: use lower-case letters, digits, '-' and '.',"
+            " starting and ending with a letter or digit, at most 253 characters"
+        )
+    return value
+
+
+def validate_cloud_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise click.BadParameter(f"{value!r} is not an https:// URL of an outpost-cloud")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="OUTPOST_LOG_LEVEL",
+    help="Least severe log level written to stderr.",
+)
+@click.version_option(__version__, "-V", "--version", prog_name="outpost")
+def cli(log_level: str) -> None:
+    """Outpost edge agent: runs pods on runc, talks to field devices, and keeps working while
+    the cloud is away.
+
+    A gateway joins an outpost-cloud once (`outpost join`) and then runs the agent as a service
+    (`outpost run`, started by systemd).
+    """
+    logs.configure(log_level)
+
+
+@cli.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    envvar="OUTPOST_DATA_DIR",
+    help="Folder for the store, images, pod state and logs.",
+)
+@click.option(
+    "--standalone",
+    is_flag=True,
+    help="Run without a cloud: pods come from --manifests instead.",
+)
+@click.option(
+    "--manifests",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="OUTPOST_MANIFESTS",
+    help="Folder of pod manifests (YAML) run in standalone mode.",
+)
+def run(data_dir: Path, standalone: bool, manifests: Path | None) -> None:
+    """Run the agent in the foreground until stopped (SIGTERM or Ctrl-C).
+
+    Stopping or restarting the agent never stops the pods it runs: they are adopted again on
+    the next start.
+    """
+    if manifests is not None and not standalone:
+        raise click.UsageError("--manifests applies only with --standalone")
+    raise NotImplementedYet("`outpost run`")
+
+
+@cli.command()
+@click.option(
+    "--cloud",
+    required=True,
+    callback=validate_cloud_url,
+    envvar="OUTPOST_URL",
+    help="https:// URL of the outpost-cloud to join.",
+)
+@click.option(
+    "--token",
+    required=True,
+    envvar="OUTPOST_TOKEN",
+    help="Bootstrap token from `outpost-cloud token create NODE`.",
+)
+@click.option(
+    "--node-name",
+    callback=validate_node_name,
+    envvar="OUTPOST_NODE_NAME",
+    help="Name of this node in Kubernetes (default: the host name).",
+)
+def join(cloud: str, token: str, node_name: str | None) -> None:
+    """Join this gateway to an outpost-cloud: trade the token for a node certificate."""
+    raise NotImplementedYet("`outpost join`")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status(as_json: bool) -> None:
+    """Show the running agent's cloud connection, pods and devices."""
+    raise NotImplementedYet("`outpost status`")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def version(as_json: bool) -> None:
+    """Print the version and build information."""
+    info = version_info()
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+    else:
+        click.echo(f"outpost {info['version']} (python {info['python']}, {info['platform']})")
+
+
+def main() -> None:
+    cli(prog_name="outpost")

@@ -1,0 +1,61 @@
+"""`outpost-cloud serve` against the real apiserver: it connects through lightkube under trio,
+reports what it found, and stops cleanly on SIGTERM; an unreachable apiserver is one clear line."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import trio
+
+from tests.cluster.controlplane import ControlPlane, free_port
+from tests.processes import VENV_BIN, LineReader, start
+
+pytestmark = pytest.mark.cluster
+
+
+async def test_serve_connects_to_kubernetes_and_stops_on_sigterm(control_plane: ControlPlane):
+    process = await start(
+        VENV_BIN / "outpost-cloud",
+        "serve",
+        "--kubeconfig",
+        control_plane.kubeconfig,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
+    try:
+        output = LineReader(process)
+        line = await output.wait_for(r"^.*msg=\"connected to Kubernetes\".*$", timeout=30)
+        assert f"server={control_plane.server}" in line.group(0)
+        assert "level=info" in line.group(0)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await process.wait()
+        assert process.returncode == 0
+        await output.wait_for(r"msg=stopping signal=SIGTERM", timeout=5)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_reports_an_unreachable_apiserver_in_one_line(
+    control_plane: ControlPlane, tmp_path
+):
+    config = json.loads(control_plane.kubeconfig.read_text())
+    dead = f"https://127.0.0.1:{free_port()}"
+    config["clusters"][0]["cluster"]["server"] = dead
+    kubeconfig = tmp_path / "dead.kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+
+    result = await trio.run_process(
+        [VENV_BIN / "outpost-cloud", "serve", "--kubeconfig", kubeconfig],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == [lines[0]]
+    assert lines[0].startswith(f"Error: cannot reach Kubernetes at {dead}")
