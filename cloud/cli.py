@@ -38,6 +38,8 @@ def cli(log_level: str) -> None:
     devices and status to and from an unmodified Kubernetes API.
     """
     logs.configure(log_level)
+    # The HTTP client logs every request at info, which would drown the service's own lines.
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @cli.command()

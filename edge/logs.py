@@ -18,7 +18,9 @@ def _value(value: object) -> str:
     text = str(value)
     if text and not any(c in text for c in ' "=\\\n\t'):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    escaped = (
+        text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    )
     return f'"{escaped}"'
 
 

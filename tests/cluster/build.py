@@ -31,7 +31,9 @@ def cache_root() -> Path:
 
 
 def _pinned(module: str) -> str:
-    match = re.search(rf"^(?:require )?\s*{re.escape(module)} (v\S+)", (GO_MODULE / "go.mod").read_text(), re.M)
+    match = re.search(
+        rf"^(?:require )?\s*{re.escape(module)} (v\S+)", (GO_MODULE / "go.mod").read_text(), re.M
+    )
     if match is None:
         raise BuildError(f"{GO_MODULE / 'go.mod'} does not pin {module}")
     return match.group(1)

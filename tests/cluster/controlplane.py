@@ -164,7 +164,9 @@ class ControlPlane:
             ),
         ).write(pki, "apiserver")  # fmt: skip
         for component in ("kube-controller-manager", "kube-scheduler"):
-            ca.issue(component, server_names=(LOOPBACK, "localhost")).write(pki, f"{component}-serving")
+            ca.issue(component, server_names=(LOOPBACK, "localhost")).write(
+                pki, f"{component}-serving"
+            )
         sa_private, sa_public = service_account_keys()
         (pki / "sa.key").write_bytes(sa_private)
         (pki / "sa.pub").write_bytes(sa_public)
@@ -204,7 +206,9 @@ class ControlPlane:
                     },
                 }
             ],
-            "contexts": [{"name": "outpost-test", "context": {"cluster": "outpost-test", "user": user}}],
+            "contexts": [
+                {"name": "outpost-test", "context": {"cluster": "outpost-test", "user": user}}
+            ],
             "current-context": "outpost-test",
         }
         path.write_text(json.dumps(config, indent=2))

@@ -26,14 +26,16 @@ async def test_serve_connects_to_kubernetes_and_stops_on_sigterm(control_plane: 
     )
     try:
         output = LineReader(process)
-        line = await output.wait_for(r"^.*msg=\"connected to Kubernetes\".*$", timeout=30)
+        with trio.fail_after(30):
+            line = await output.wait_for(r"^.*msg=\"connected to Kubernetes\".*$")
         assert f"server={control_plane.server}" in line.group(0)
         assert "level=info" in line.group(0)
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             await process.wait()
         assert process.returncode == 0
-        await output.wait_for(r"msg=stopping signal=SIGTERM", timeout=5)
+        with trio.fail_after(5):
+            await output.wait_for(r"msg=stopping signal=SIGTERM")
     finally:
         if process.returncode is None:
             process.kill()

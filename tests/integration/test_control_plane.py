@@ -21,9 +21,10 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def _next_events(watch, count: int, timeout: float = 30.0) -> list[tuple[str, object]]:
+async def _next_events(watch, count: int) -> list[tuple[str, object]]:
+    """The next ``count`` events of a watch, within 30 seconds."""
     events = []
-    with trio.fail_after(timeout):
+    with trio.fail_after(30):
         async for event_type, obj in watch:
             events.append((event_type, obj))
             if len(events) == count:

@@ -1,0 +1,91 @@
+# The commands a person types. `make help` lists them.
+#
+# `make setup` is idempotent: with nothing changed it finishes in seconds. Debian packages are
+# installed only when missing, the venv is rebuilt only when pyproject.toml changes, and the
+# control plane is built once per pinned version into $(OUTPOST_CACHE_DIR) (outside the repo).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST := $(BIN)/pytest
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+export OUTPOST_CACHE_DIR ?= $(HOME)/.cache/outpost
+
+# What the tests and the appliance need from Debian: runc and CNI plugins for pods, mosquitto
+# for the eventbus, socat for serial PTY pairs, docker-registry as a local OCI registry,
+# iproute2 for network namespaces, libglib2.0-dev to build bluepy, patchelf and ccache for the
+# native binary build.
+DEB_PACKAGES := runc containernetworking-plugins mosquitto socat docker-registry iproute2 \
+	libglib2.0-dev patchelf ccache ca-certificates
+
+# pytest exits 5 when a selection collects no test (say, hw-tests on a machine without
+# hardware); that is not a failure of the code under test.
+define pytest
+	$(PYTEST) $(1) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no tests collected" || exit $$rc; }
+endef
+
+.PHONY: help setup deb-packages controlplane demo cluster test test-unit test-integration \
+	test-hw lint fmt clean
+
+help:
+	@echo "make setup      install Debian packages, create .venv, build the test control plane"
+	@echo "make demo       set up, then start the control plane and outpost-cloud, and show them"
+	@echo "make test       set up, lint, then run every test (what CI runs)"
+	@echo "make test-unit  the fast tier: unit tests only, no control plane"
+	@echo "make cluster    run a control plane for kubectl until Ctrl-C"
+	@echo "make lint       ruff check and format check;  make fmt  rewrites the code"
+
+setup: deb-packages $(VENV)/.installed controlplane
+
+deb-packages:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+			|| echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+			$$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
+		|| { echo "Outpost needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cloud,test]'
+	touch $@
+
+controlplane: $(VENV)/.installed
+	@command -v go >/dev/null || { echo "the Go toolchain (1.26 or newer) is needed on PATH"; exit 1; }
+	$(BIN)/python -m tests.cluster build
+
+demo: setup
+	$(BIN)/python -m tests.demo
+
+cluster: setup
+	$(BIN)/python -m tests.cluster up --kubeconfig-out .demo/admin.kubeconfig
+
+test: setup lint
+	$(call pytest,-q)
+
+test-unit: $(VENV)/.installed
+	$(call pytest,-q tests/unit)
+
+test-integration: setup
+	$(call pytest,-q tests/integration)
+
+test-hw: $(VENV)/.installed
+	$(call pytest,-q hw-tests)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .demo

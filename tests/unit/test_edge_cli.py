@@ -1,0 +1,98 @@
+"""`outpost`: the command structure is real, `version` works, and every expected failure is one
+line on stderr with a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import cli
+from edge.version import __version__
+from tests.processes import VENV_BIN
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), prog_name="outpost")
+
+
+@pytest.mark.parametrize("command", ["run", "join", "status", "version"])
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert result.output.startswith(f"Usage: outpost {command} [OPTIONS]")
+
+
+def test_top_level_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("run", "join", "status", "version"):
+        assert f"\n  {command} " in result.output
+
+
+def test_version_prints_the_package_version():
+    result = invoke("version")
+    assert result.exit_code == 0
+    assert result.output.startswith(f"outpost {__version__} (python 3.")
+
+
+def test_version_json_is_machine_readable():
+    info = json.loads(invoke("version", "--json").output)
+    assert info["version"] == __version__
+    assert set(info) == {"version", "python", "platform"}
+
+
+def test_installed_console_script_runs():
+    result = subprocess.run(
+        [VENV_BIN / "outpost", "version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith(f"outpost {__version__} ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["join", "--cloud", "http://cloud.example", "--token", "t"], "is not an https:// URL"),
+        (["join", "--cloud", "https://", "--token", "t"], "is not an https:// URL"),
+        (
+            ["join", "--cloud", "https://cloud.example", "--token", "t", "--node-name", "Bad_Name"],
+            "'Bad_Name' is not a valid node name",
+        ),
+        (["join", "--cloud", "https://cloud.example"], "Missing option '--token'"),
+        (["run", "--manifests", "."], "--manifests applies only with --standalone"),
+        (["run", "--frobnicate"], "No such option '--frobnicate'"),
+        (["--log-level", "loud", "version"], "Invalid value for '--log-level'"),
+    ],
+)
+def test_bad_input_is_a_usage_error(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run"],
+        ["run", "--standalone", "--manifests", "."],
+        ["join", "--cloud", "https://cloud.example", "--token", "t", "--node-name", "gw-1.site"],
+        ["status"],
+    ],
+)
+def test_commands_not_built_yet_say_so_in_one_line(args):
+    result = subprocess.run([VENV_BIN / "outpost", *args], capture_output=True, text=True)
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: `outpost ")
+    assert "is not implemented yet" in result.stderr
+
+
+def test_options_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OUTPOST_URL", "http://not-tls.example")
+    monkeypatch.setenv("OUTPOST_TOKEN", "t")
+    result = invoke("join")
+    assert result.exit_code == 2
+    assert "'http://not-tls.example' is not an https:// URL" in result.output
