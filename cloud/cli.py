@@ -13,6 +13,7 @@ import trio
 from cloud import kube
 from edge import logs
 from edge.cli import NotImplementedYet, validate_node_name, version_info
+from edge.version import __version__
 
 log = logging.getLogger("cloud")
 
@@ -33,6 +34,7 @@ def validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> t
     envvar="OUTPOST_LOG_LEVEL",
     help="Least severe log level written to stderr.",
 )
+@click.version_option(__version__, "-V", "--version", prog_name="outpost-cloud")
 def cli(log_level: str) -> None:
     """Outpost cloud service: holds the edge gateways' connections and mirrors their pods,
     devices and status to and from an unmodified Kubernetes API.
@@ -57,7 +59,10 @@ def cli(log_level: str) -> None:
     help="HOST:PORT on which edge gateways connect.",
 )
 def serve(kubeconfig: Path | None, listen: tuple[str, int]) -> None:
-    """Connect to Kubernetes and serve edge gateways until SIGTERM or Ctrl-C."""
+    """Serve edge gateways until SIGTERM or Ctrl-C.
+
+    Connects to Kubernetes first and exits with one line if it cannot.
+    """
     try:
         trio.run(_serve, kubeconfig, listen)
     except kube.KubeUnavailable as exc:
@@ -93,7 +98,7 @@ def token() -> None:
 @click.argument("node", callback=validate_node_name)
 @click.option("--ttl", default="24h", show_default=True, help="How long the token may be used.")
 def token_create(node: str, ttl: str) -> None:
-    """Create a join token bound to NODE and print it."""
+    """Create a join token bound to NODE."""
     raise NotImplementedYet("`outpost-cloud token create`")
 
 

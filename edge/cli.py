@@ -100,10 +100,10 @@ def cli(log_level: str) -> None:
     help="Folder of pod manifests (YAML) run in standalone mode.",
 )
 def run(data_dir: Path, standalone: bool, manifests: Path | None) -> None:
-    """Run the agent in the foreground until stopped (SIGTERM or Ctrl-C).
+    """Run the agent in the foreground.
 
-    Stopping or restarting the agent never stops the pods it runs: they are adopted again on
-    the next start.
+    It runs until SIGTERM or Ctrl-C. Stopping or restarting the agent never stops the pods it
+    runs: they are adopted again on the next start.
     """
     if manifests is not None and not standalone:
         raise click.UsageError("--manifests applies only with --standalone")
@@ -131,14 +131,17 @@ def run(data_dir: Path, standalone: bool, manifests: Path | None) -> None:
     help="Name of this node in Kubernetes (default: the host name).",
 )
 def join(cloud: str, token: str, node_name: str | None) -> None:
-    """Join this gateway to an outpost-cloud: trade the token for a node certificate."""
+    """Join this gateway to an outpost-cloud.
+
+    Trades the bootstrap token for a node certificate bound to the node name.
+    """
     raise NotImplementedYet("`outpost join`")
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(as_json: bool) -> None:
-    """Show the running agent's cloud connection, pods and devices."""
+    """Show the agent's connection, pods and devices."""
     raise NotImplementedYet("`outpost status`")
 
 

@@ -84,7 +84,7 @@ def build(*, log=sys.stderr) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
     try:
         command = [
-            go, "build", "-trimpath", "-ldflags", _ldflags(), "-o", f"{tmp}/",
+            go, "build", "-trimpath", "-buildvcs=false", "-ldflags", _ldflags(), "-o", f"{tmp}/",
             *_KUBE_COMMANDS, "./etcd",
         ]  # fmt: skip
         result = subprocess.run(command, cwd=GO_MODULE, stdout=log, stderr=log, check=False)
