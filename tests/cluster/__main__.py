@@ -17,8 +17,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    # SIGTERM takes the same path as Ctrl-C, so the control plane is stopped either way.
+    # SIGTERM takes the same path as Ctrl-C, so the control plane is stopped either way. SIGINT
+    # is set explicitly too: a shell starting us in the background leaves it ignored.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     plane = ControlPlane(keep_workdir=args.keep)
     try:
         with plane:
