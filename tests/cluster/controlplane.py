@@ -21,7 +21,6 @@ import base64
 import contextlib
 import ctypes
 import json
-import os
 import shutil
 import signal
 import socket
@@ -111,9 +110,6 @@ class ControlPlane:
     @property
     def ca_path(self) -> Path:
         return self._dir / "pki" / "ca.crt"
-
-    def pids(self) -> list[int]:
-        return [child.process.pid for child in self.children]
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run kubectl as the admin against this control plane."""
@@ -368,11 +364,3 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def environment(plane: ControlPlane) -> dict[str, str]:
-    """Environment for a child process that should talk to this control plane with kubectl."""
-    env = dict(os.environ)
-    env["KUBECONFIG"] = str(plane.kubeconfig)
-    env["PATH"] = f"{plane.bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    return env
