@@ -23,6 +23,7 @@ owned by whoever owns the store; a ``batch()`` block runs whole inside one such 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -304,13 +305,22 @@ class Store:
                 self._db.execute("UPDATE inbound SET hwm = ?", (hwm,))
         return ApplyResult(hwm, applied, duplicates, unchanged, tuple(changed))
 
+    def skip_to(self, seq: int) -> None:
+        """Raise the high-water mark to ``seq`` without applying anything.
+
+        For a cloud that starts its stream beyond the mark (``Welcome.sending_from``): it only
+        does so when this store was replaced or wiped, and then follows with a full resync.
+        """
+        with self._write(f"raising the high-water mark to {seq}"):
+            self._db.execute("UPDATE inbound SET hwm = ? WHERE hwm < ?", (seq, seq))
+
     def _prepare(self, message: Message) -> tuple[str, bytes]:
         """The kind and stored body of a downstream message, or why it cannot be applied."""
         where = f"downstream message {message.seq} ({message.key!r})"
         if message.op not in DOWNSTREAM_OPS:
             raise InvalidMessageError(
                 f"{where} has op {str(message.op)!r}, which only goes upstream; a downstream"
-                " batch carries put and delete"
+                " batch carries put, delete and sync"
             )
         parts = message.key.split("/")
         if len(parts) != 3 or not parts[1] or not parts[2]:
@@ -318,8 +328,12 @@ class Store:
                 f"{where}: the key must be namespace/kind/name (namespace empty for"
                 " cluster-scoped objects)"
             )
+        if message.op == Op.SYNC and not (
+            isinstance(message.body, list) and all(isinstance(k, str) for k in message.body)
+        ):
+            raise InvalidMessageError(f"{where}: a sync message's body must be a list of keys")
         try:
-            body = pack(message.body) if message.op == Op.PUT else b""
+            body = pack(message.body) if message.op in (Op.PUT, Op.SYNC) else b""
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidMessageError(f"{where}: the body cannot be stored: {exc}") from exc
         return parts[1], body
@@ -328,6 +342,12 @@ class Store:
         """Apply one message; False when it changed nothing."""
         if message.op == Op.DELETE:
             self._db.execute("DELETE FROM objects WHERE key = ?", (message.key,))
+            return self._db.changes() > 0
+        if message.op == Op.SYNC:
+            self._db.execute(
+                "DELETE FROM objects WHERE key NOT IN (SELECT value FROM json_each(?))",
+                (json.dumps(message.body),),
+            )
             return self._db.changes() > 0
         stored = self._db.execute("SELECT rv FROM objects WHERE key = ?", (message.key,)).fetchone()
         # An empty rv says nothing about the version, so it never counts as "already stored".

@@ -32,6 +32,10 @@ class Op(StrEnum):
     # Downstream (cloud → edge): desired state.
     PUT = "put"
     DELETE = "delete"
+    # The full list of keys the node should hold (body: list of keys); the edge deletes every
+    # other object. Sent after the cloud lost track of what the edge has (a cloud restart, an
+    # overflowed queue, an edge whose store was wiped), instead of a delete per missed removal.
+    SYNC = "sync"
     # Upstream (edge → cloud): reports, in the outbox's drop order (first dropped first).
     TELEMETRY = "telemetry"
     STATUS = "status"
@@ -39,7 +43,7 @@ class Op(StrEnum):
     TWIN = "twin"
 
 
-DOWNSTREAM_OPS = frozenset({Op.PUT, Op.DELETE})
+DOWNSTREAM_OPS = frozenset({Op.PUT, Op.DELETE, Op.SYNC})
 UPSTREAM_OPS = frozenset({Op.TELEMETRY, Op.STATUS, Op.EVENT, Op.TWIN})
 
 

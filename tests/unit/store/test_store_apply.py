@@ -169,3 +169,29 @@ def test_local_state_round_trips_and_survives_reopening(tmp_path: Path) -> None:
         assert store.get_state("pods") == {"web": {"pid": 43}}
         assert store.get_state("raw") == b"\x00\xff"
         assert store.get_state("bad", "absent") == "absent"
+
+
+def test_sync_deletes_every_object_not_listed_and_keeps_the_rest(store: Store) -> None:
+    store.apply_batch([put(1, "a", "1"), put(2, "b", "2"), put(3, "c", "3")])
+    inventory = ["ns/ConfigMap/a", "ns/ConfigMap/c", "ns/ConfigMap/not-yet-sent"]
+    result = store.apply_batch([Message(4, "m4", Op.SYNC, "/Inventory/gw-1", "", inventory)])
+    assert (result.hwm, result.applied) == (4, 1)
+    assert [key for key, _, _ in store.list("ConfigMap")] == ["ns/ConfigMap/a", "ns/ConfigMap/c"]
+    again = store.apply_batch([Message(5, "m5", Op.SYNC, "/Inventory/gw-1", "", inventory)])
+    assert (again.applied, again.unchanged) == (0, 1)
+
+
+def test_a_sync_without_a_key_list_is_refused_and_nothing_applied(store: Store) -> None:
+    store.apply_batch([put(1, "a", "1")])
+    with pytest.raises(InvalidMessageError, match="list of keys"):
+        store.apply_batch([put(2, "b", "2"), Message(3, "m3", Op.SYNC, "/Inventory/x", "", "a")])
+    assert snapshot(store) == (1, [("ns/ConfigMap/a", "1", None)])
+
+
+def test_skip_to_raises_the_mark_but_never_lowers_it(store: Store) -> None:
+    store.apply_batch([put(1, "a", "1")])
+    store.skip_to(10)
+    assert store.hwm == 10
+    store.skip_to(5)
+    assert store.hwm == 10
+    assert store.apply_batch([put(11, "b", "2")]).applied == 1

@@ -1,0 +1,1 @@
+"""The cloud hub: edge gateways' WebSocket sessions, their queues and their watermarks."""

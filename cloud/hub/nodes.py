@@ -1,0 +1,170 @@
+"""What the cloud hub remembers about each node's stream, and what it persists of it.
+
+Downstream, a node's queue coalesces pending changes by object UID; numbered messages wait in
+the window until the edge acknowledges them. Both outlive a WebSocket, so a reconnect resumes
+exactly where the edge's acknowledgements left off.
+
+A cloud restart loses that memory. What survives is the node's ``Watermark``, persisted in
+batches: the next sequence number, the last acknowledged one, the last upstream report applied,
+and ``rv``: a Kubernetes resourceVersion such that the edge has acknowledged every change to its
+objects up to it. On restart the hub sends only objects changed after ``rv``, plus one
+``sync`` message listing every key the node should hold (which covers deletions it missed), so a
+restart does not resend everything.
+
+resourceVersions are compared as integers. Kubernetes calls them opaque, but the apiserver backed
+by etcd issues increasing integers; a version that is not one is always resent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from edge.wire.events import Message, Op
+from edge.wire.window import CoalescingQueue, InFlight, Pending, QueueFull, ReceiveWindow
+
+
+def rv_number(rv: str) -> int | None:
+    try:
+        return int(rv)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One object as the source holds it for a node."""
+
+    uid: str
+    key: str
+    rv: str
+    body: Any
+
+
+@dataclass(frozen=True)
+class Watermark:
+    next_seq: int
+    acked: int
+    rv: int
+    upstream: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"next": self.next_seq, "acked": self.acked, "rv": self.rv, "up": self.upstream}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Watermark:
+        return cls(int(data["next"]), int(data["acked"]), int(data["rv"]), int(data["up"]))
+
+
+@dataclass
+class NodeStream:
+    """One node's downstream and upstream sequencing state in the cloud."""
+
+    name: str
+    queue: CoalescingQueue
+    inflight: InFlight
+    receiver: ReceiveWindow
+    # The oldest resourceVersion each pending change stands for: queued ones by UID, numbered
+    # ones by seq. The watermark's ``rv`` stays below all of them.
+    queued_rv: dict[str, int] = field(default_factory=dict)
+    inflight_rv: dict[int, int] = field(default_factory=dict)
+    sent_at: dict[int, float] = field(default_factory=dict)
+    # While an overflowed queue awaits its resync, the watermark may not pass where it was.
+    floor_rv: int | None = None
+    dirty: bool = True
+    overflowed: bool = False
+    wake: trio.Event = field(default_factory=trio.Event)
+    resent: int = 0
+
+    @classmethod
+    def fresh(
+        cls, name: str, *, capacity: int, window: int, next_seq: int = 1, upstream: int = 0
+    ) -> NodeStream:
+        return cls(
+            name,
+            CoalescingQueue(capacity),
+            InFlight(window, next_seq=next_seq),
+            ReceiveWindow(upstream),
+        )
+
+    def kick(self) -> None:
+        self.wake.set()
+
+    def offer(self, obj: SourceObject, deleted: bool = False) -> None:
+        """Queue a change to one object; a full queue turns into a full resync later."""
+        if self.overflowed:
+            return
+        op = Op.DELETE if deleted else Op.PUT
+        pending = Pending(f"{obj.uid}@{obj.rv}", op, obj.key, obj.rv, None if deleted else obj.body)
+        try:
+            self.queue.offer(obj.uid, pending)
+        except QueueFull:
+            # Never block the source for one slow node, and never drop a change silently:
+            # forget the queue and send the node everything once it catches up.
+            self.floor_rv = self.watermark(0).rv
+            self.overflowed = True
+            self.queue = CoalescingQueue(self.queue.capacity)
+            self.queued_rv.clear()
+            return
+        number = rv_number(obj.rv)
+        self.queued_rv.setdefault(obj.uid, 0 if number is None else number)
+        self.kick()
+
+    def resync(self, objects: Iterable[SourceObject], since_rv: int | None = None) -> int:
+        """Queue every object changed after ``since_rv`` (all when None), then the inventory."""
+        self.overflowed = False
+        self.floor_rv = None
+        keys = []
+        queued = 0
+        for obj in objects:
+            keys.append(obj.key)
+            number = rv_number(obj.rv)
+            if since_rv is None or number is None or number > since_rv:
+                self.offer(obj)
+                queued += 1
+        self.queue.offer(
+            f"sync:{self.name}",
+            Pending(f"sync@{time.time_ns()}", Op.SYNC, f"/Inventory/{self.name}", "", sorted(keys)),
+        )
+        self.kick()
+        return queued
+
+    def number_queued(self, now: float) -> None:
+        """Move queued changes into the window while it has room."""
+        while len(self.queue) and self.inflight.has_room:
+            pending = self.queue.pop()
+            message = self.inflight.number(pending)
+            uid = pending.id.rpartition("@")[0]
+            rv = self.queued_rv.pop(uid, None)
+            if rv is not None:
+                self.inflight_rv[message.seq] = rv
+            self.sent_at[message.seq] = now
+
+    def settle(self, messages: Iterable[Message], now: float) -> list[float]:
+        """The edge acknowledged these; returns their ack latencies in seconds."""
+        latencies = []
+        for message in messages:
+            self.inflight_rv.pop(message.seq, None)
+            sent = self.sent_at.pop(message.seq, None)
+            if sent is not None:
+                latencies.append(now - sent)
+        self.dirty = True
+        return latencies
+
+    def watermark(self, source_rv: int) -> Watermark:
+        """What to persist; ``source_rv`` is the last resourceVersion the source processed."""
+        pending = [*self.queued_rv.values(), *self.inflight_rv.values()]
+        rv = min(pending) - 1 if pending else source_rv
+        if self.floor_rv is not None:
+            rv = min(rv, self.floor_rv)
+        return Watermark(
+            self.inflight.next_seq, self.inflight.acked, max(rv, 0), self.receiver.applied_seq
+        )
+
+    @property
+    def depth(self) -> int:
+        return len(self.queue) + len(self.inflight)

@@ -1,0 +1,104 @@
+"""Where upstream reports go once the hub has them, before it acknowledges them.
+
+The hub acknowledges a report only after its sink has applied it durably, and a sink must apply
+each ``(node, seq)`` at most once, even when the edge sends it again after a cloud crash (the
+persisted watermark may lag what was acknowledged). Together that is exactly-once effect.
+
+``ReportLog`` is the sink for audit and tests: one JSON line per report in a file, written and
+fsynced before the acknowledgement. On start it reads the file back to learn each node's last
+logged sequence number, which is what makes repeats harmless. The edge controller's sinks
+(pod status, events, device twins) replace it as they are built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from edge.wire.events import Message
+
+log = logging.getLogger("cloud.hub.reports")
+
+
+class ReportSink(Protocol):
+    async def apply(self, node: str, messages: Sequence[Message]) -> None: ...
+
+
+class LogOnly:
+    """The default sink: a debug log line per report, nothing kept."""
+
+    async def apply(self, node: str, messages: Sequence[Message]) -> None:
+        for message in messages:
+            log.debug(
+                "report",
+                extra={"node": node, "seq": message.seq, "op": str(message.op), "key": message.key},
+            )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class ReportLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, int] = {}
+        self.duplicates = 0
+        if path.exists():
+            with path.open("rb") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        # A torn last line from a crash mid-write: it was never acknowledged.
+                        continue
+                    node, seq = record["node"], record["seq"]
+                    self.last[node] = max(self.last.get(node, 0), seq)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("ab")
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def apply(self, node: str, messages: Sequence[Message]) -> None:
+        last = self.last.get(node, 0)
+        fresh = [m for m in messages if m.seq > last]
+        self.duplicates += len(messages) - len(fresh)
+        if not fresh:
+            return
+        lines = b"".join(
+            json.dumps(
+                {
+                    "node": node,
+                    "seq": m.seq,
+                    "id": m.id,
+                    "op": str(m.op),
+                    "key": m.key,
+                    "rv": m.rv,
+                    "body": _jsonable(m.body),
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+            for m in fresh
+        )
+        await trio.to_thread.run_sync(self._append, lines, limiter=self._limiter)
+        self.last[node] = fresh[-1].seq
+
+    def _append(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()

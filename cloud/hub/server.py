@@ -1,0 +1,533 @@
+"""The cloud hub: a trio-websocket server holding one session per edge node.
+
+Edges connect over TLS to ``/v1/connect`` with their node certificate; the node's identity is
+the certificate's CN (issued by the cloud's CA at join), and a Hello naming another node is
+refused and logged. A second connection for a node replaces the first: the old session is
+closed with a reason and has finished before the new one touches the node's stream.
+
+Admission control against reconnect storms: at most ``max_handshakes`` connections are between
+TCP accept and Welcome at once. A connection that finds no slot within ``admission_wait_s`` is
+answered with HTTP 503 and a ``Retry-After`` that grows with the backlog, which the edges honour.
+
+Each node's downstream stream (``cloud.hub.nodes.NodeStream``) outlives its sessions;
+watermarks are persisted in batches by ``cloud.hub.watermarks``. Other WebSocket paths (the
+join exchange) are served by handlers passed in ``routes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx2
+import trio
+from lightkube.core.exceptions import ApiError
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
+
+from cloud.hub.metrics import HubMetrics
+from cloud.hub.nodes import NodeStream, SourceObject, Watermark
+from cloud.hub.reports import LogOnly, ReportSink
+from cloud.hub.watermarks import WatermarkStore
+from edge.hub.client import CONNECT_PATH, unwrap
+from edge.wire import codec
+from edge.wire.codec import ProtocolError
+from edge.wire.connection import (
+    Connection,
+    HelloReceived,
+    PeerClosed,
+    Received,
+    Role,
+    Settled,
+)
+
+log = logging.getLogger("cloud.hub")
+
+NODE_ORGANIZATION = "outpost:nodes"
+Route = Callable[[WebSocketConnection], Awaitable[None]]
+
+
+class Source(Protocol):
+    rv: int
+    ready: trio.Event
+
+    def objects(self, node: str) -> list[SourceObject]: ...
+
+
+@dataclass
+class HubSettings:
+    host: str = "0.0.0.0"
+    port: int = 8443
+    heartbeat_s: float = 15.0
+    window: int = 512
+    queue_capacity: int = 10_000
+    max_handshakes: int = 64
+    admission_wait_s: float = 2.0
+    handshake_timeout_s: float = 10.0
+    flush_interval_s: float = 1.0
+    max_frame: int = codec.DEFAULT_MAX_FRAME
+
+
+def node_from_peer(cert: dict | None) -> str | None:
+    """The node a verified client certificate speaks for: its CN, if issued to a node."""
+    if not cert:
+        return None
+    subject = {key: value for rdn in cert.get("subject", ()) for key, value in rdn}
+    if subject.get("organizationName") != NODE_ORGANIZATION:
+        return None
+    return subject.get("commonName")
+
+
+@dataclass
+class Session:
+    node: str
+    remote: str
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    close_reason: str = "cloud hub stopping"
+
+    async def replace(self, reason: str) -> None:
+        self.close_reason = reason
+        self.cancel_scope.cancel()
+        await self.done.wait()
+
+
+class Hub:
+    def __init__(
+        self,
+        settings: HubSettings,
+        ssl_context: ssl.SSLContext,
+        *,
+        source: Source | None = None,
+        sink: ReportSink | None = None,
+        watermarks: WatermarkStore | None = None,
+        metrics: HubMetrics | None = None,
+        routes: dict[str, Route] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ssl_context = ssl_context
+        self.source = source
+        self.sink = sink or LogOnly()
+        self.watermarks = watermarks
+        self.metrics = metrics or HubMetrics()
+        self.routes = routes or {}
+        self.streams: dict[str, NodeStream] = {}
+        self.sessions: dict[str, Session] = {}
+        self.ever_connected: set[str] = set()
+        self.resent = 0
+        self._locks: dict[str, trio.Lock] = {}
+        self._slots = trio.Semaphore(settings.max_handshakes)
+        self._waiting = 0
+        self.port: int | None = None
+        self.metrics.track_depth(lambda: sum(s.depth for s in self.streams.values()))
+
+    # -- the source's side --------------------------------------------------------------------
+
+    def publish(self, node: str, obj: SourceObject, deleted: bool) -> None:
+        """A change to one of ``node``'s objects. Nodes unknown since start are caught up from
+        their watermark when they connect, so only known streams are queued to."""
+        stream = self.streams.get(node)
+        if stream is not None:
+            stream.offer(obj, deleted)
+
+    def _objects(self, node: str) -> list[SourceObject]:
+        return self.source.objects(node) if self.source else []
+
+    def _source_rv(self) -> int:
+        return self.source.rv if self.source else 0
+
+    def collect_watermarks(self) -> dict[str, Watermark]:
+        """The watermarks changed since last collected (for the flusher)."""
+        changed = {}
+        rv = self._source_rv()
+        for name, stream in self.streams.items():
+            if stream.dirty:
+                stream.dirty = False
+                changed[name] = stream.watermark(rv)
+        return changed
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; reports the bound port."""
+        listeners = await trio.open_tcp_listeners(
+            self.settings.port, host=self.settings.host, backlog=4096
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            if self.watermarks is not None:
+                nursery.start_soon(self._flush_watermarks)
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            log.info("hub listening", extra={"host": self.settings.host, "port": self.port})
+            task_status.started(self.port)
+
+    async def _flush_watermarks(self) -> None:
+        """Persist changed watermarks every ``flush_interval_s``, and once more on the way out.
+
+        A failed write keeps the marks for the next round (the newest value of a node wins),
+        so nothing is lost while Kubernetes is unreachable.
+        """
+        unsent: dict[str, Watermark] = {}
+        try:
+            while True:
+                await trio.sleep(self.settings.flush_interval_s)
+                unsent.update(self.collect_watermarks())
+                if unsent and await self._write_watermarks(unsent):
+                    unsent = {}
+        finally:
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                unsent.update(self.collect_watermarks())
+                if unsent:
+                    await self._write_watermarks(unsent)
+
+    async def _write_watermarks(self, marks: dict[str, Watermark]) -> bool:
+        assert self.watermarks is not None
+        before = self.watermarks.writes
+        try:
+            await self.watermarks.write(marks)
+        except (ApiError, httpx2.TransportError) as exc:
+            log.warning(
+                "cannot persist watermarks; will retry",
+                extra={"nodes": len(marks), "error": str(exc)},
+            )
+            return False
+        finally:
+            self.metrics.watermark_writes.inc(self.watermarks.writes - before)
+        return True
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        self._waiting += 1
+        admitted = False
+        try:
+            with trio.move_on_after(self.settings.admission_wait_s):
+                await self._slots.acquire()
+                admitted = True
+            if not admitted:
+                await self._turn_away(tcp)
+                return
+        finally:
+            self._waiting -= 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._slots.release()
+
+        try:
+            await self._serve_connection(tcp, release)
+        finally:
+            release()
+
+    async def _tls_request(
+        self, tcp: trio.SocketStream, nursery: trio.Nursery
+    ) -> tuple[trio.SSLStream, WebSocketRequest] | None:
+        stream = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+        remote = _remote(tcp)
+        try:
+            with trio.fail_after(self.settings.handshake_timeout_s):
+                await stream.do_handshake()
+                request = await wrap_server_stream(
+                    nursery,
+                    stream,
+                    max_message_size=self.settings.max_frame,
+                    message_queue_size=1,
+                )
+        except (
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            ssl.SSLError,
+            OSError,
+            ConnectionClosed,
+        ) as exc:
+            self.metrics.rejected.labels("tls").inc()
+            log.info("TLS handshake failed", extra={"remote": remote, "error": str(exc)})
+            await trio.aclose_forcefully(stream)
+            return None
+        return stream, request
+
+    async def _turn_away(self, tcp: trio.SocketStream) -> None:
+        retry_after = min(60, max(1, math.ceil(self._waiting / self.settings.max_handshakes)))
+        self.metrics.rejected.labels("busy").inc()
+        async with trio.open_nursery() as nursery:
+            got = await self._tls_request(tcp, nursery)
+            if got is not None:
+                _, request = got
+                with trio.move_on_after(self.settings.handshake_timeout_s):
+                    await request.reject(
+                        503,
+                        extra_headers=[(b"Retry-After", str(retry_after).encode())],
+                        body=b"outpost-cloud is busy admitting other nodes\n",
+                    )
+            nursery.cancel_scope.cancel()
+
+    async def _serve_connection(self, tcp: trio.SocketStream, release: Callable[[], None]) -> None:
+        remote = _remote(tcp)
+        async with trio.open_nursery() as nursery:
+            got = await self._tls_request(tcp, nursery)
+            if got is None:
+                return
+            stream, request = got
+            try:
+                if request.path == CONNECT_PATH:
+                    await self._connect(stream, request, remote, release)
+                elif request.path in self.routes:
+                    ws = await request.accept()
+                    release()
+                    await self.routes[request.path](ws)
+                else:
+                    self.metrics.rejected.labels("path").inc()
+                    await request.reject(404, body=b"unknown path\n")
+            except ConnectionClosed:
+                pass
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _connect(
+        self,
+        stream: trio.SSLStream,
+        request: WebSocketRequest,
+        remote: str,
+        release: Callable[[], None],
+    ) -> None:
+        node = node_from_peer(stream.getpeercert())
+        if node is None:
+            self.metrics.rejected.labels("no-certificate").inc()
+            log.warning("connection without a node certificate refused", extra={"remote": remote})
+            await request.reject(401, body=b"a node client certificate is required\n")
+            return
+        if self.source is not None and not self.source.ready.is_set():
+            self.metrics.rejected.labels("starting").inc()
+            await request.reject(
+                503, extra_headers=[(b"Retry-After", b"2")], body=b"outpost-cloud is starting\n"
+            )
+            return
+        ws = await request.accept()
+        conn = Connection(
+            Role.CLOUD,
+            now=trio.current_time(),
+            heartbeat_s=self.settings.heartbeat_s,
+            max_frame=self.settings.max_frame,
+        )
+        try:
+            with trio.fail_after(self.settings.handshake_timeout_s):
+                data = await ws.get_message()
+            events = conn.receive(_binary(data), trio.current_time())
+        except trio.TooSlowError:
+            log.info("no hello, closing", extra={"node": node, "remote": remote})
+            return
+        except ProtocolError as exc:
+            await self._protocol_error(ws, conn, node, exc)
+            return
+        hello = events[0].hello if events and isinstance(events[0], HelloReceived) else None
+        if hello is None:
+            return
+        if hello.node != node:
+            self.metrics.rejected.labels("identity").inc()
+            log.warning(
+                "node certificate used to speak for another node",
+                extra={"certificate": node, "hello": hello.node, "remote": remote},
+            )
+            await ws.send_message(
+                conn.refuse(f"this certificate belongs to node {node!r}, not {hello.node!r}")
+            )
+            return
+        lock = self._locks.setdefault(node, trio.Lock())
+        async with lock:
+            old = self.sessions.get(node)
+            if old is not None:
+                self.metrics.replaced.inc()
+                log.info("replacing session", extra={"node": node, "old": old.remote})
+                await old.replace(f"replaced by a newer connection from {remote}")
+            stream_state = self._stream_for(node, hello.received)
+            try:
+                welcome, settled = conn.accept(
+                    hello, inflight=stream_state.inflight, receiver=stream_state.receiver
+                )
+            except ProtocolError as exc:
+                self.metrics.rejected.labels("version").inc()
+                log.warning("refusing session", extra={"node": node, "reason": exc.reason})
+                await ws.send_message(conn.refuse(exc.reason))
+                return
+            self._settle(stream_state, settled.messages)
+            session = Session(node, remote)
+            self.sessions[node] = session
+        if node in self.ever_connected:
+            self.metrics.reconnects.inc()
+        self.ever_connected.add(node)
+        self.metrics.sessions.inc()
+        self.metrics.connected.inc()
+        release()
+        log.info(
+            "session open",
+            extra={
+                "node": node,
+                "remote": remote,
+                "agent": hello.agent_version,
+                "edge_received": hello.received,
+                "sending_from": stream_state.inflight.sending_from,
+            },
+        )
+        try:
+            await ws.send_message(welcome)
+            with session.cancel_scope:
+                await self._run_session(ws, conn, stream_state, node)
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            await self._protocol_error(ws, conn, node, exc)
+        finally:
+            self.metrics.connected.dec()
+            if self.sessions.get(node) is session:
+                del self.sessions[node]
+            if session.cancel_scope.cancelled_caught:
+                await _send_close(ws, conn, session.close_reason)
+            session.done.set()
+            log.info("session closed", extra={"node": node, "remote": remote})
+
+    def _stream_for(self, node: str, edge_received: int) -> NodeStream:
+        """The node's stream, restored from its watermark after a cloud restart, and reset to
+        a full resync when the edge has lost what it had acknowledged (a wiped store)."""
+        s = self.settings
+        stream = self.streams.get(node)
+        if stream is not None:
+            if edge_received >= stream.inflight.acked:
+                return stream
+            log.warning(
+                "edge lost acknowledged state, resyncing it in full",
+                extra={
+                    "node": node,
+                    "edge_received": edge_received,
+                    "acked": stream.inflight.acked,
+                },
+            )
+            stream = NodeStream.fresh(
+                node,
+                capacity=s.queue_capacity,
+                window=s.window,
+                next_seq=stream.inflight.next_seq,
+                upstream=stream.receiver.applied_seq,
+            )
+            self.resent += stream.resync(self._objects(node))
+            self.streams[node] = stream
+            return stream
+        mark = self.watermarks.loaded.pop(node, None) if self.watermarks else None
+        next_seq = max(mark.next_seq if mark else 1, edge_received + 1)
+        stream = NodeStream.fresh(
+            node,
+            capacity=s.queue_capacity,
+            window=s.window,
+            next_seq=next_seq,
+            upstream=mark.upstream if mark else 0,
+        )
+        if mark is not None and edge_received >= mark.acked:
+            queued = stream.resync(self._objects(node), since_rv=mark.rv)
+            self.resent += queued
+            log.info(
+                "resuming node from its watermark",
+                extra={"node": node, "rv": mark.rv, "queued": queued, "next_seq": next_seq},
+            )
+        else:
+            stream.resync(self._objects(node))
+        self.streams[node] = stream
+        return stream
+
+    def _settle(self, stream: NodeStream, messages: tuple) -> None:
+        for latency in stream.settle(messages, trio.current_time()):
+            self.metrics.ack_latency.observe(latency)
+
+    async def _run_session(
+        self, ws: WebSocketConnection, conn: Connection, stream: NodeStream, node: str
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, ws, conn, stream, node, nursery.cancel_scope)
+                nursery.start_soon(self._write, ws, conn, stream, node)
+        except BaseExceptionGroup as group:
+            raise unwrap(group, ProtocolError, ConnectionClosed) from None
+
+    async def _read(
+        self,
+        ws: WebSocketConnection,
+        conn: Connection,
+        stream: NodeStream,
+        node: str,
+        scope: trio.CancelScope,
+    ) -> None:
+        while True:
+            data = await ws.get_message()
+            for event in conn.receive(_binary(data), trio.current_time()):
+                match event:
+                    case Received(messages):
+                        await self.sink.apply(node, messages)
+                        conn.applied(messages[-1].seq)
+                        self.metrics.received.inc(len(messages))
+                        stream.dirty = True
+                        stream.kick()
+                    case Settled(messages):
+                        self._settle(stream, messages)
+                        stream.kick()
+                    case PeerClosed(reason):
+                        log.info("edge closed the session", extra={"node": node, "reason": reason})
+                        scope.cancel()
+                        return
+
+    async def _write(
+        self, ws: WebSocketConnection, conn: Connection, stream: NodeStream, node: str
+    ) -> None:
+        while True:
+            stream.wake = trio.Event()
+            if stream.overflowed and not len(stream.queue):
+                log.warning("queue overflowed, resyncing node", extra={"node": node})
+                self.resent += stream.resync(self._objects(node))
+            now = trio.current_time()
+            stream.number_queued(now)
+            for frame in conn.outgoing(now):
+                await ws.send_message(frame)
+            if conn.expired(now):
+                log.warning("edge silent, closing", extra={"node": node})
+                await _send_close(ws, conn, "no heartbeat from the edge")
+                return
+            with trio.move_on_after(self.settings.heartbeat_s):
+                await stream.wake.wait()
+
+    async def _protocol_error(
+        self, ws: WebSocketConnection, conn: Connection, node: str, exc: ProtocolError
+    ) -> None:
+        self.metrics.rejected.labels("protocol").inc()
+        log.warning("protocol violation, closing", extra={"node": node, "reason": exc.reason})
+        await _send_close(ws, conn, exc.reason)
+
+
+def _binary(data: bytes | str) -> bytes:
+    if isinstance(data, str):
+        raise ProtocolError("text WebSocket message; the protocol is binary")
+    return data
+
+
+def _remote(tcp: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = tcp.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+async def _send_close(ws: WebSocketConnection, conn: Connection, reason: str) -> None:
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await ws.send_message(conn.close(reason))
+            await ws.aclose(code=1000, reason=reason[:120])
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -1,0 +1,383 @@
+"""The edge hub: keeps one mutually authenticated WebSocket to outpost-cloud open, forever.
+
+Downstream, it applies what the cloud sends to the store and acknowledges only what is committed;
+several frames that arrive together are applied in one transaction (one flash write). Upstream,
+it drains the store's outbox through a window of unacknowledged reports, and deletes them once
+the cloud acknowledges them. The protocol itself lives in ``edge.wire.connection``; this module
+owns the socket, the clock, the store calls and the reconnect policy.
+
+Reconnects use full-jitter exponential backoff (a random wait between 0 and
+``min(cap, base * 2**attempt)``), so a fleet that lost the cloud together does not return
+together. A cloud that refuses a session for load says how long to stay away (``retry_after``),
+which the edge honours, spread by up to half again. A session that stayed up for
+``stable_after_s`` resets the backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import tenacity
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
+
+from edge.hub.link import LinkState
+from edge.store import StoreError
+from edge.store.aio import AsyncStore
+from edge.version import __version__
+from edge.wire import codec
+from edge.wire.codec import ProtocolError
+from edge.wire.connection import (
+    Connection,
+    Opened,
+    PeerClosed,
+    Received,
+    Refused,
+    Role,
+    Settled,
+)
+from edge.wire.events import Message, Op
+from edge.wire.window import InFlight, ReceiveWindow
+
+log = logging.getLogger("edge.hub")
+
+CONNECT_PATH = "/v1/connect"
+# Frames waiting to be applied; the reader stops reading (TCP pushes back) when it is full.
+FRAME_BUFFER = 64
+# The most a retry-after hint may keep the edge away, whatever the cloud says.
+MAX_RETRY_AFTER_S = 600.0
+
+
+class LinkDown(Exception):
+    """The session ended or could not start; ``retry_after_s`` is the cloud's hint, if any."""
+
+    def __init__(
+        self, reason: str, *, retry_after_s: float | None = None, stable: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.stable = stable
+
+
+@dataclass
+class HubConfig:
+    """How the edge reaches the cloud. ``cloud_url`` is what ``outpost join`` was given."""
+
+    cloud_url: str
+    node: str
+    ssl_context: ssl.SSLContext
+    window: int = 256
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 60.0
+    stable_after_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    max_frame: int = codec.DEFAULT_MAX_FRAME
+
+    @property
+    def websocket_url(self) -> str:
+        parts = urlsplit(self.cloud_url)
+        scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+        return urlunsplit((scheme, parts.netloc, CONNECT_PATH, "", ""))
+
+
+def retry_after_header(exc: ConnectionRejected) -> float | None:
+    for name, value in exc.headers or ():
+        if name.lower() == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def unwrap(group: BaseExceptionGroup, *preferred: type[BaseException]) -> BaseException:
+    """The one exception that explains why a nursery of session tasks ended.
+
+    When one task fails, trio cancels its siblings, so the group holds the failure plus
+    cancellations. The first leaf of a ``preferred`` type wins, in the order given; a group with
+    none of them (a bug, or a cancellation from outside) is returned unchanged.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for kind in preferred:
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group
+
+
+class EdgeHub:
+    """Run with ``await hub.run()`` in a nursery; call ``outbox_changed`` after ``report``."""
+
+    def __init__(self, store: AsyncStore, config: HubConfig, link: LinkState | None = None):
+        self.store = store
+        self.config = config
+        self.link = link or LinkState()
+        self._backoff = tenacity.wait_random_exponential(
+            multiplier=config.backoff_base_s, max=config.backoff_cap_s
+        )
+        self._wake = trio.Event()
+        self._outbox_maybe = True
+        self.applied_messages = 0
+        self.applied_batches = 0
+
+    # -- the rest of the agent ----------------------------------------------------------------
+
+    def outbox_changed(self) -> None:
+        """New reports are in the outbox: send them if the link is up."""
+        self._outbox_maybe = True
+        self._wake.set()
+
+    async def report(self, op: Op | str, key: str, body: object, rv: str = "") -> None:
+        """Queue an upstream report durably and send it when the link allows."""
+        await self.store.run(self.store.store.report, op, key, body, rv)
+        self.outbox_changed()
+
+    # -- reconnecting -------------------------------------------------------------------------
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        wait = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        hint = getattr(exc, "retry_after_s", None)
+        if hint:
+            hint = min(hint, MAX_RETRY_AFTER_S)
+            wait = max(wait, random.uniform(hint, hint * 1.5))
+        return wait
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "cloud link down",
+            extra={
+                "reason": getattr(exc, "reason", exc),
+                "attempt": state.attempt_number,
+                "retry_in_s": round(wait, 2),
+            },
+        )
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; returns only when cancelled."""
+        while True:
+            retrying = tenacity.AsyncRetrying(
+                sleep=trio.sleep,
+                wait=self._wait,
+                retry=tenacity.retry_if_exception(
+                    lambda exc: isinstance(exc, LinkDown) and not exc.stable
+                ),
+                before_sleep=self._before_sleep,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._session()
+            except LinkDown as exc:
+                # A long session ended: start over with a short, still jittered, wait.
+                log.warning("cloud link down", extra={"reason": exc.reason, "was_up": "long"})
+                await trio.sleep(random.uniform(0, self.config.backoff_base_s))
+
+    # -- one session --------------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        started = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await self._connect(nursery)
+                try:
+                    await self._serve(ws)
+                finally:
+                    self.link.set(False, "disconnected")
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap(group, LinkDown) from None
+        except LinkDown as exc:
+            exc.stable = trio.current_time() - started >= self.config.stable_after_s
+            raise
+
+    async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
+        url = self.config.websocket_url
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                return await connect_websocket_url(
+                    nursery,
+                    url,
+                    ssl_context=self.config.ssl_context,
+                    max_message_size=self.config.max_frame,
+                    message_queue_size=1,
+                )
+        except ConnectionRejected as exc:
+            raise LinkDown(
+                f"cloud at {url} rejected the connection with HTTP {exc.status_code}",
+                retry_after_s=retry_after_header(exc),
+            ) from exc
+        except trio.TooSlowError as exc:
+            raise LinkDown(f"no answer from {url} in {self.config.connect_timeout_s} s") from exc
+        except (OSError, HandshakeError, ssl.SSLError, trio.BrokenResourceError) as exc:
+            raise LinkDown(f"cannot connect to {url}: {exc}") from exc
+
+    async def _serve(self, ws: WebSocketConnection) -> None:
+        conn = await self._open(ws)
+        self.link.set(True, "connected")
+        log.info("cloud link up", extra={"url": self.config.websocket_url})
+        frames_send, frames_recv = trio.open_memory_channel[bytes](FRAME_BUFFER)
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, ws, frames_send)
+                    nursery.start_soon(self._apply, ws, conn, frames_recv)
+                    nursery.start_soon(self._send, ws, conn)
+            except BaseExceptionGroup as group:
+                raise unwrap(group, ProtocolError, StoreError, LinkDown) from None
+        except ProtocolError as exc:
+            log.error("protocol violation, closing", extra={"reason": exc.reason})
+            await self._close(ws, conn, exc.reason)
+            raise LinkDown(f"protocol violation: {exc.reason}") from exc
+        except StoreError as exc:
+            log.error("cannot apply what the cloud sent, closing", extra={"reason": str(exc)})
+            await self._close(ws, conn, f"edge store refused a batch: {exc}")
+            raise LinkDown(f"store refused a batch: {exc}") from exc
+
+    async def _open(self, ws: WebSocketConnection) -> Connection:
+        """Handshake: say what we have, learn what the cloud has, settle and skip accordingly."""
+        store = self.store.store
+        sending_from = await self.store.run(lambda: store.sending_from)
+        hwm = await self.store.run(lambda: store.hwm)
+        inflight = InFlight(self.config.window, next_seq=sending_from)
+        for message in await self.store.run(store.unacked, sending_from - 1):
+            inflight.hold(message)
+        conn = Connection(
+            Role.EDGE,
+            now=trio.current_time(),
+            inflight=inflight,
+            receiver=ReceiveWindow(hwm),
+            max_frame=self.config.max_frame,
+        )
+        await self._send_frames(ws, [conn.hello(self.config.node, __version__)])
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                data = await ws.get_message()
+        except trio.TooSlowError as exc:
+            raise LinkDown("the cloud did not answer the hello") from exc
+        except ConnectionClosed as exc:
+            raise LinkDown(f"the cloud closed the connection: {exc.reason}") from exc
+        try:
+            events = conn.receive(data, trio.current_time())
+        except ProtocolError as exc:
+            await self._close(ws, conn, exc.reason)
+            raise LinkDown(f"bad handshake from the cloud: {exc.reason}") from exc
+        for event in events:
+            match event:
+                case Refused(reason, retry_after_s):
+                    raise LinkDown(
+                        f"cloud refused the session: {reason}", retry_after_s=retry_after_s
+                    )
+                case PeerClosed(reason):
+                    raise LinkDown(f"cloud closed the session: {reason}")
+                case Settled(messages):
+                    await self.store.run(store.acked, messages[-1].seq)
+                case Opened():
+                    pass
+        if conn.receiver.applied_seq > hwm:
+            # The cloud numbers past our mark only when it will resync us in full.
+            await self.store.run(store.skip_to, conn.receiver.applied_seq)
+        return conn
+
+    async def _read(self, ws: WebSocketConnection, frames: trio.MemorySendChannel[bytes]) -> None:
+        async with frames:
+            while True:
+                try:
+                    data = await ws.get_message()
+                except ConnectionClosed as exc:
+                    raise LinkDown(f"connection closed: {exc.reason}") from exc
+                if isinstance(data, str):
+                    raise ProtocolError("text WebSocket message; the protocol is binary")
+                await frames.send(data)
+
+    async def _apply(
+        self, ws: WebSocketConnection, conn: Connection, frames: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        store = self.store.store
+        async for data in frames:
+            batch = [data]
+            while len(batch) < FRAME_BUFFER:
+                try:
+                    batch.append(frames.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            received: list[Message] = []
+            settled = 0
+            for frame in batch:
+                for event in conn.receive(frame, trio.current_time()):
+                    match event:
+                        case Received(messages):
+                            received.extend(messages)
+                        case Settled(messages):
+                            settled = messages[-1].seq
+                        case PeerClosed(reason):
+                            raise LinkDown(f"cloud closed the session: {reason}")
+            if received:
+                result = await self.store.run(store.apply_batch, received)
+                conn.applied(result.hwm)
+                self.applied_messages += len(received)
+                self.applied_batches += 1
+            if settled:
+                await self.store.run(store.acked, settled)
+                self._outbox_maybe = True
+            self._wake.set()
+
+    async def _send(self, ws: WebSocketConnection, conn: Connection) -> None:
+        store = self.store.store
+        while True:
+            # A fresh event before the work: a wake-up during an await below is not lost.
+            self._wake = trio.Event()
+            room = conn.inflight.window - len(conn.inflight)
+            if room > 0 and self._outbox_maybe:
+                self._outbox_maybe = False
+                taken = await self.store.run(store.take_for_send, room)
+                for message in taken:
+                    conn.inflight.hold(message)
+                # A full take may have left more behind.
+                self._outbox_maybe = len(taken) == room
+            now = trio.current_time()
+            await self._send_frames(ws, conn.outgoing(now))
+            if conn.expired(now):
+                raise LinkDown(f"cloud silent for {3 * conn.heartbeat_s:.0f} s")
+            if self._outbox_maybe and conn.inflight.has_room:
+                continue
+            with trio.move_on_after(conn.heartbeat_s / 2):
+                await self._wake.wait()
+
+    async def _send_frames(self, ws: WebSocketConnection, frames: list[bytes]) -> None:
+        try:
+            for frame in frames:
+                await ws.send_message(frame)
+        except ConnectionClosed as exc:
+            raise LinkDown(f"connection closed: {exc.reason}") from exc
+
+    async def _close(self, ws: WebSocketConnection, conn: Connection, reason: str) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await ws.send_message(conn.close(reason))
+                await ws.aclose(code=1002, reason=reason[:120])
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
