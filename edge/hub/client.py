@@ -101,6 +101,14 @@ def retry_after_header(exc: ConnectionRejected) -> float | None:
     return None
 
 
+def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
+    body = (exc.body or b"").decode(errors="replace").strip()[:200]
+    return LinkDown(
+        f"cloud at {url} rejected the connection with HTTP {exc.status_code}: {body}",
+        retry_after_s=retry_after_header(exc),
+    )
+
+
 def unwrap(group: BaseExceptionGroup, *preferred: type[BaseException]) -> BaseException:
     """The one exception that explains why a nursery of session tasks ended.
 
@@ -208,7 +216,11 @@ class EdgeHub:
                     self.link.set(False, "disconnected")
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise unwrap(group, LinkDown) from None
+            # The WebSocket's reader task reports a rejected upgrade from inside the nursery.
+            found = unwrap(group, LinkDown, ConnectionRejected)
+            if isinstance(found, ConnectionRejected):
+                raise _rejected(found, self.config.websocket_url) from None
+            raise found from None
         except LinkDown as exc:
             exc.stable = trio.current_time() - started >= self.config.stable_after_s
             raise
@@ -225,10 +237,7 @@ class EdgeHub:
                     message_queue_size=1,
                 )
         except ConnectionRejected as exc:
-            raise LinkDown(
-                f"cloud at {url} rejected the connection with HTTP {exc.status_code}",
-                retry_after_s=retry_after_header(exc),
-            ) from exc
+            raise _rejected(exc, url) from exc
         except trio.TooSlowError as exc:
             raise LinkDown(f"no answer from {url} in {self.config.connect_timeout_s} s") from exc
         except (OSError, HandshakeError, ssl.SSLError, trio.BrokenResourceError) as exc:
