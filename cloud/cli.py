@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import signal
 from pathlib import Path
 
 import click
+import httpx2
 import trio
+from lightkube.core.exceptions import ApiError
 
-from cloud import kube
+from cloud import kube, pki
 from edge import logs
-from edge.cli import NotImplementedYet, validate_node_name, version_info
+from edge.cli import validate_node_name, version_info
 from edge.version import __version__
 
 log = logging.getLogger("cloud")
@@ -94,12 +97,62 @@ def token() -> None:
     """Bootstrap tokens that let one gateway join as one named node."""
 
 
+_TTL_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def validate_ttl(ctx: click.Context, param: click.Parameter, value: str) -> dt.timedelta:
+    number, unit = value[:-1], value[-1:]
+    if unit not in _TTL_UNITS or not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(
+            f"{value!r} is not a duration: a positive whole number and s, m, h or d"
+            " (for example 30m, 24h or 7d)"
+        )
+    return dt.timedelta(**{_TTL_UNITS[unit]: int(number)})
+
+
 @token.command("create")
 @click.argument("node", callback=validate_node_name)
-@click.option("--ttl", default="24h", show_default=True, help="How long the token may be used.")
-def token_create(node: str, ttl: str) -> None:
-    """Create a join token bound to NODE."""
-    raise NotImplementedYet("`outpost-cloud token create`")
+@click.option(
+    "--ttl",
+    default="24h",
+    show_default=True,
+    callback=validate_ttl,
+    help="How long the token may be used: 30m, 24h, 7d, ...",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Kubeconfig to reach Kubernetes with (default: in-cluster, then $KUBECONFIG).",
+)
+def token_create(node: str, ttl: dt.timedelta, kubeconfig: Path | None) -> None:
+    """Create a single-use join token bound to NODE, and print it.
+
+    The gateway uses it once: `outpost join --cloud URL --token TOKEN --node-name NODE`.
+    The cloud's CA is created in Kubernetes first if there is none yet.
+    """
+    try:
+        text = trio.run(_token_create, kubeconfig, node, ttl)
+    except (kube.KubeUnavailable, pki.CAUnusable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(text)
+
+
+async def _token_create(kubeconfig: Path | None, node: str, ttl: dt.timedelta) -> str:
+    config = kube.load_config(kubeconfig)
+    client = kube.client(config)
+    server = config.get().cluster.server
+    try:
+        ca = await pki.load_or_create_ca(client)
+        return await pki.create_token(client, ca, node, ttl)
+    except httpx2.TransportError as exc:
+        raise kube.KubeUnavailable(f"cannot reach Kubernetes at {server}: {exc}") from exc
+    except ApiError as exc:
+        raise kube.KubeUnavailable(
+            f"Kubernetes at {server} refused ({exc.status.code} {exc.status.reason}):"
+            f" {exc.status.message}"
+        ) from exc
+    finally:
+        await client.close()
 
 
 @cli.command()

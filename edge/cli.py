@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import platform
 import re
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+import trio
 
-from edge import logs
+from edge import identity, logs
 from edge.version import __version__
 
 DEFAULT_DATA_DIR = Path("/var/lib/outpost")
@@ -128,14 +130,37 @@ def run(data_dir: Path, standalone: bool, manifests: Path | None) -> None:
     "--node-name",
     callback=validate_node_name,
     envvar="OUTPOST_NODE_NAME",
-    help="Name of this node in Kubernetes (default: the host name).",
+    help="Name of this node in Kubernetes (default: the host name, lower-cased).",
 )
-def join(cloud: str, token: str, node_name: str | None) -> None:
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    envvar="OUTPOST_DATA_DIR",
+    help="Folder for the store, images, pod state and logs; the identity goes in identity/.",
+)
+def join(cloud: str, token: str, node_name: str | None, data_dir: Path) -> None:
     """Join this gateway to an outpost-cloud.
 
-    Trades the bootstrap token for a node certificate bound to the node name.
+    Trades the bootstrap token for a node certificate bound to the node name. The private key
+    is made here and never leaves this gateway.
     """
-    raise NotImplementedYet("`outpost join`")
+    node = node_name or _host_node_name()
+    try:
+        saved = trio.run(identity.join, cloud, token, node, data_dir)
+    except identity.IdentityError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"joined {cloud} as node {saved.node}; identity saved in {saved.key_path.parent}")
+
+
+def _host_node_name() -> str:
+    name = socket.gethostname().lower()
+    try:
+        validate_node_name(None, None, name)
+    except click.BadParameter as exc:
+        raise click.UsageError(f"the host name: {exc.message}; pass --node-name") from exc
+    return name
 
 
 @cli.command()
