@@ -346,6 +346,17 @@ class EdgeHub:
             if received:
                 result = await self.store.run(store.apply_batch, received)
                 conn.applied(result.hwm)
+                fresh = result.applied + result.unchanged
+                log.debug(
+                    "applied",
+                    extra={
+                        "first": result.hwm - fresh + 1,
+                        "last": result.hwm,
+                        "changed": result.applied,
+                        "unchanged": result.unchanged,
+                        "duplicates": result.duplicates,
+                    },
+                )
                 self.applied_messages += len(received)
                 self.applied_batches += 1
             if settled:

@@ -470,6 +470,12 @@ class Store:
         """Reports lost to the disk budget since the database was created, by op."""
         return outbox.drops(self._db)
 
+    @property
+    def data_version(self) -> int:
+        """Changes whenever another connection (a CLI command, another process) commits: a
+        cheap way to notice reports queued by others."""
+        return self._db.execute("PRAGMA data_version").fetchall()[0][0]
+
     # -- the agent's own state ---------------------------------------------------------------
 
     def get_state(self, key: str, default: Any = None) -> Any:

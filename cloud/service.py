@@ -1,0 +1,98 @@
+"""``outpost-cloud serve``: Kubernetes, the CA, the hub, the object source and the metrics
+endpoint, wired into one trio program that runs until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from cloud import bootstrap, kube, pki
+from cloud.hub.metrics import HubMetrics, serve_metrics
+from cloud.hub.reports import LogOnly, ReportLog, ReportSink
+from cloud.hub.server import Hub, HubSettings
+from cloud.hub.source import ConfigMapSource
+from cloud.hub.tls import server_context
+from cloud.hub.watermarks import WatermarkStore
+from edge.identity import CA_PATH, JOIN_PATH
+
+log = logging.getLogger("cloud")
+
+
+@dataclass
+class ServeOptions:
+    kubeconfig: Path | None
+    listen: tuple[str, int]
+    metrics_listen: tuple[str, int] | None
+    tls_sans: list[str] = field(default_factory=list)
+    report_log: Path | None = None
+    settings: HubSettings = field(default_factory=HubSettings)
+
+
+def default_sans(listen_host: str) -> list[str]:
+    names = ["localhost", "127.0.0.1", socket.gethostname()]
+    if listen_host not in ("0.0.0.0", "::", ""):
+        names.append(listen_host)
+    return names
+
+
+async def serve(options: ServeOptions) -> None:
+    # Signals first: a SIGTERM during start-up must stop us cleanly, not kill us half-started.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        config = kube.load_config(options.kubeconfig)
+        client = kube.client(config)
+        sink: ReportSink = LogOnly()
+        try:
+            info = await kube.probe(client, config)
+            log.info("connected to Kubernetes", extra={"server": info.server, "nodes": info.nodes})
+            ca = await pki.load_or_create_ca(client)
+            sans = sorted({*default_sans(options.listen[0]), *options.tls_sans})
+            cert_pem, key_pem = ca.issue_server_cert(sans)
+            watermarks = WatermarkStore(client)
+            loaded = await watermarks.load()
+            if options.report_log is not None:
+                sink = ReportLog(options.report_log)
+            source = ConfigMapSource(client)
+            settings = options.settings
+            settings.host, settings.port = options.listen
+            metrics = HubMetrics()
+            hub = Hub(
+                settings,
+                server_context(cert_pem, key_pem, ca.cert_pem),
+                source=source,
+                sink=sink,
+                watermarks=watermarks,
+                metrics=metrics,
+                routes={
+                    CA_PATH: partial(bootstrap.serve_ca, ca=ca),
+                    JOIN_PATH: partial(bootstrap.serve_join, kube=client, ca=ca),
+                },
+            )
+            source.sink = hub
+            log.info(
+                "hub state loaded",
+                extra={
+                    "watermarks": len(loaded),
+                    "ca_hash": ca.ca_hash,
+                    "tls_sans": ",".join(sans),
+                },
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(source.run)
+                await nursery.start(hub.run)
+                if options.metrics_listen is not None:
+                    port = await nursery.start(serve_metrics, metrics, *options.metrics_listen)
+                    log.info("metrics listening", extra={"port": port})
+                async for signum in signals:
+                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    nursery.cancel_scope.cancel()
+                    break
+        finally:
+            if isinstance(sink, ReportLog):
+                sink.close()
+            await client.close()

@@ -1,0 +1,86 @@
+"""``outpost run``: the agent's top level, wiring the store, the cloud link and (as they are
+built) pods and devices into one trio program that runs until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import trio
+
+from edge import identity
+from edge.hub.client import EdgeHub, HubConfig
+from edge.hub.link import LinkState
+from edge.store import Store
+from edge.store.aio import AsyncStore
+
+log = logging.getLogger("edge.agent")
+
+STORE_FILE = "store.db"
+CLOUD_URL_FILE = "cloud-url"
+LINK_STATE_KEY = "cloud.link"
+# How often to look for reports other processes queued in the store.
+OUTBOX_POLL_S = 1.0
+
+
+class AgentError(Exception):
+    """The agent cannot start; the message says what to do."""
+
+
+def saved_cloud_url(data_dir: Path) -> str | None:
+    path = data_dir / CLOUD_URL_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+def save_cloud_url(data_dir: Path, url: str) -> None:
+    (data_dir / CLOUD_URL_FILE).write_text(url + "\n")
+
+
+async def run(data_dir: Path, cloud_url: str | None) -> None:
+    # Signals first: a SIGTERM during start-up must stop the agent cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        me = identity.load_identity(data_dir)
+        if me is None:
+            raise AgentError(
+                f"this gateway has not joined a cloud ({data_dir / 'identity'} is empty):"
+                " run `outpost join` first, or `outpost run --standalone`"
+            )
+        url = cloud_url or saved_cloud_url(data_dir)
+        if url is None:
+            raise AgentError(f"no cloud URL: pass --cloud, or join again to save it in {data_dir}")
+        config = HubConfig(cloud_url=url, node=me.node, ssl_context=identity.client_ssl_context(me))
+        with Store(data_dir / STORE_FILE) as store:
+            aio = AsyncStore(store)
+            link = LinkState()
+            hub = EdgeHub(aio, config, link)
+            log.info(
+                "agent started",
+                extra={"node": me.node, "cloud": url, "hwm": store.hwm, "data_dir": data_dir},
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hub.run)
+                nursery.start_soon(_publish_link, aio, link)
+                nursery.start_soon(_watch_outbox, aio, hub)
+                async for signum in signals:
+                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    nursery.cancel_scope.cancel()
+                    break
+
+
+async def _publish_link(aio: AsyncStore, link: LinkState) -> None:
+    """Keep the link state in the store, where `outpost status` and other processes read it."""
+    while True:
+        state = {"online": link.online, "since": link.since, "reason": link.reason}
+        await aio.run(aio.store.set_state, LINK_STATE_KEY, state)
+        await link.wait_change()
+
+
+async def _watch_outbox(aio: AsyncStore, hub: EdgeHub) -> None:
+    version = await aio.run(lambda: aio.store.data_version)
+    while True:
+        await trio.sleep(OUTBOX_POLL_S)
+        now = await aio.run(lambda: aio.store.data_version)
+        if now != version:
+            version = now
+            hub.outbox_changed()

