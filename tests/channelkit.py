@@ -61,7 +61,10 @@ async def spawn(log: Path, *args: str | Path) -> tuple[trio.Process, LogFile]:
 
 
 class Cloud:
-    """One `outpost-cloud serve` process; ``start`` again after ``kill`` to restart it."""
+    """One `outpost-cloud serve` process; ``start`` again after ``kill`` to restart it.
+
+    It listens on every address; ``host`` is the one edges use (and the certificate names).
+    """
 
     def __init__(
         self, plane: ControlPlane, folder: Path, *, host: str = "127.0.0.1", heartbeat: float = 1
@@ -87,7 +90,7 @@ class Cloud:
             "--kubeconfig",
             self.plane.kubeconfig,
             "--listen",
-            f"{self.host}:{self.port}",
+            f"0.0.0.0:{self.port}",
             "--tls-san",
             self.host,
             "--metrics-listen",
