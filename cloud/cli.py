@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import signal
 from pathlib import Path
 
 import click
@@ -13,7 +12,8 @@ import httpx2
 import trio
 from lightkube.core.exceptions import ApiError
 
-from cloud import kube, pki
+from cloud import kube, pki, service
+from cloud.hub.server import HubSettings
 from edge import logs
 from edge.cli import validate_node_name, version_info
 from edge.version import __version__
@@ -61,35 +61,69 @@ def cli(log_level: str) -> None:
     envvar="OUTPOST_CLOUD_LISTEN",
     help="HOST:PORT on which edge gateways connect.",
 )
-def serve(kubeconfig: Path | None, listen: tuple[str, int]) -> None:
+@click.option(
+    "--tls-san",
+    multiple=True,
+    envvar="OUTPOST_CLOUD_TLS_SANS",
+    help="Extra DNS name or IP address for the serving certificate: the host gateways use in"
+    " their cloud URL (repeatable; localhost, 127.0.0.1 and the host name are always in).",
+)
+@click.option(
+    "--metrics-listen",
+    default="127.0.0.1:9464",
+    show_default=True,
+    callback=lambda ctx, param, value: value and validate_listen(ctx, param, value),
+    envvar="OUTPOST_CLOUD_METRICS_LISTEN",
+    help="HOST:PORT serving Prometheus metrics at /metrics; empty to turn off.",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(0.1, 300),
+    default=15.0,
+    show_default=True,
+    help="Seconds between heartbeats on an idle session; a node silent for three is offline.",
+)
+@click.option(
+    "--max-handshakes",
+    type=click.IntRange(1, 100_000),
+    default=64,
+    show_default=True,
+    help="Connections admitted at once; more are told to retry later (reconnect storms).",
+)
+@click.option(
+    "--report-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append every upstream report to this JSON-lines file (audit and debugging).",
+)
+def serve(
+    kubeconfig: Path | None,
+    listen: tuple[str, int],
+    tls_san: tuple[str, ...],
+    metrics_listen: tuple[str, int] | None,
+    heartbeat: float,
+    max_handshakes: int,
+    report_log: Path | None,
+) -> None:
     """Serve edge gateways until SIGTERM or Ctrl-C.
 
-    Connects to Kubernetes first and exits with one line if it cannot.
+    Connects to Kubernetes first and exits with one line if it cannot. Creates the cloud's CA
+    (Secret outpost-system/outpost-ca) on first start. ConfigMaps labelled
+    outpost.io/node=NODE are synced to that node.
     """
+    options = service.ServeOptions(
+        kubeconfig=kubeconfig,
+        listen=listen,
+        metrics_listen=metrics_listen or None,
+        tls_sans=list(tls_san),
+        report_log=report_log,
+        settings=HubSettings(heartbeat_s=heartbeat, max_handshakes=max_handshakes),
+    )
     try:
-        trio.run(_serve, kubeconfig, listen)
+        trio.run(service.serve, options)
     except kube.KubeUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-async def _serve(kubeconfig: Path | None, listen: tuple[str, int]) -> None:
-    # Listen for signals before anything else: a SIGTERM during start-up must stop us cleanly,
-    # not kill us with the default handler.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        config = kube.load_config(kubeconfig)
-        client = kube.client(config)
-        try:
-            info = await kube.probe(client, config)
-            log.info("connected to Kubernetes", extra={"server": info.server, "nodes": info.nodes})
-            log.warning(
-                "edge hub not implemented yet: not accepting gateways",
-                extra={"listen": f"{listen[0]}:{listen[1]}"},
-            )
-            async for signum in signals:
-                log.info("stopping", extra={"signal": signal.Signals(signum).name})
-                break
-        finally:
-            await client.close()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}") from exc
 
 
 @cli.group()

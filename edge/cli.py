@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 import click
 import trio
 
-from edge import identity, logs
+from edge import agent, identity, logs
+from edge.store import StoreError
 from edge.version import __version__
 
 DEFAULT_DATA_DIR = Path("/var/lib/outpost")
@@ -101,15 +102,27 @@ def cli(log_level: str) -> None:
     envvar="OUTPOST_MANIFESTS",
     help="Folder of pod manifests (YAML) run in standalone mode.",
 )
-def run(data_dir: Path, standalone: bool, manifests: Path | None) -> None:
+@click.option(
+    "--cloud",
+    callback=lambda ctx, param, value: value and validate_cloud_url(ctx, param, value),
+    envvar="OUTPOST_URL",
+    help="https:// URL of the outpost-cloud (default: the one given to `outpost join`).",
+)
+def run(data_dir: Path, standalone: bool, manifests: Path | None, cloud: str | None) -> None:
     """Run the agent in the foreground.
 
-    It runs until SIGTERM or Ctrl-C. Stopping or restarting the agent never stops the pods it
-    runs: they are adopted again on the next start.
+    It runs until SIGTERM or Ctrl-C, and keeps running while the cloud is unreachable,
+    reconnecting with backoff. Stopping or restarting the agent never stops the pods it runs:
+    they are adopted again on the next start.
     """
     if manifests is not None and not standalone:
         raise click.UsageError("--manifests applies only with --standalone")
-    raise NotImplementedYet("`outpost run`")
+    if standalone:
+        raise NotImplementedYet("`outpost run --standalone`")
+    try:
+        trio.run(agent.run, data_dir, cloud)
+    except (agent.AgentError, identity.IdentityError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()
@@ -149,8 +162,11 @@ def join(cloud: str, token: str, node_name: str | None, data_dir: Path) -> None:
     node = node_name or _host_node_name()
     try:
         saved = trio.run(identity.join, cloud, token, node, data_dir)
+        agent.save_cloud_url(data_dir, cloud)
     except identity.IdentityError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot save the cloud URL in {data_dir}: {exc}") from exc
     click.echo(f"joined {cloud} as node {saved.node}; identity saved in {saved.key_path.parent}")
 
 

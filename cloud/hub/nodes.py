@@ -94,14 +94,14 @@ class NodeStream:
     def kick(self) -> None:
         self.wake.set()
 
-    def offer(self, obj: SourceObject, deleted: bool = False) -> None:
+    def offer(self, obj: SourceObject, deleted: bool = False, *, force: bool = False) -> None:
         """Queue a change to one object; a full queue turns into a full resync later."""
         if self.overflowed:
             return
         op = Op.DELETE if deleted else Op.PUT
         pending = Pending(f"{obj.uid}@{obj.rv}", op, obj.key, obj.rv, None if deleted else obj.body)
         try:
-            self.queue.offer(obj.uid, pending)
+            self.queue.offer(obj.uid, pending, force=force)
         except QueueFull:
             # Never block the source for one slow node, and never drop a change silently:
             # forget the queue and send the node everything once it catches up.
@@ -124,11 +124,12 @@ class NodeStream:
             keys.append(obj.key)
             number = rv_number(obj.rv)
             if since_rv is None or number is None or number > since_rv:
-                self.offer(obj)
+                self.offer(obj, force=True)
                 queued += 1
         self.queue.offer(
             f"sync:{self.name}",
             Pending(f"sync@{time.time_ns()}", Op.SYNC, f"/Inventory/{self.name}", "", sorted(keys)),
+            force=True,
         )
         self.kick()
         return queued

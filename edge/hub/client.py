@@ -28,7 +28,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from edge.hub.link import LinkState
@@ -227,12 +227,25 @@ class EdgeHub:
 
     async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
         url = self.config.websocket_url
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or 443
         try:
             with trio.fail_after(self.config.connect_timeout_s):
-                return await connect_websocket_url(
+                tcp = await trio.open_tcp_stream(host, port)
+                # The TLS handshake runs on its own first: trio-websocket would turn a refused
+                # certificate into a bare timeout, and this error is what a person must see.
+                stream = trio.SSLStream(
+                    tcp, self.config.ssl_context, server_hostname=host, https_compatible=True
+                )
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    raise LinkDown(f"TLS with {url} failed: {exc.__cause__ or exc}") from exc
+                return await wrap_client_stream(
                     nursery,
-                    url,
-                    ssl_context=self.config.ssl_context,
+                    stream,
+                    host,
+                    parts.path,
                     max_message_size=self.config.max_frame,
                     message_queue_size=1,
                 )
@@ -240,7 +253,7 @@ class EdgeHub:
             raise _rejected(exc, url) from exc
         except trio.TooSlowError as exc:
             raise LinkDown(f"no answer from {url} in {self.config.connect_timeout_s} s") from exc
-        except (OSError, HandshakeError, ssl.SSLError, trio.BrokenResourceError) as exc:
+        except (OSError, HandshakeError, trio.BrokenResourceError) as exc:
             raise LinkDown(f"cannot connect to {url}: {exc}") from exc
 
     async def _serve(self, ws: WebSocketConnection) -> None:

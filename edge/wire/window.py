@@ -56,16 +56,17 @@ class CoalescingQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def offer(self, coalesce_key: str, pending: Pending) -> None:
+    def offer(self, coalesce_key: str, pending: Pending, *, force: bool = False) -> None:
         """Queue ``pending``, replacing a queued entry with the same key in its place.
 
-        Raises ``QueueFull`` when the key is new and the queue is at capacity.
+        Raises ``QueueFull`` when the key is new and the queue is at capacity, unless ``force``:
+        a full resync is bounded by the objects that exist, not by the queue.
         """
         if coalesce_key in self._entries:
             self._entries[coalesce_key] = pending
             self.coalesced += 1
             return
-        if len(self._entries) >= self.capacity:
+        if len(self._entries) >= self.capacity and not force:
             raise QueueFull(f"send queue holds {self.capacity} distinct keys")
         self._entries[coalesce_key] = pending
 

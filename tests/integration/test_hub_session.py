@@ -305,3 +305,12 @@ def _failed_attempt(exc: BaseException) -> tenacity.RetryCallState:
     state.attempt_number = 1
     state.set_exception((type(exc), exc, None))
     return state
+
+
+async def test_a_hub_with_a_certificate_from_another_ca_is_refused_at_once(
+    cloud: Cloud, pki: Pki, tmp_path: Path
+) -> None:
+    stranger = Pki.create(tmp_path / "stranger")
+    config = stranger.edge_config("gw-1", cloud.hub.port)
+    with trio.fail_after(5), pytest.raises(LinkDown, match="TLS with .* failed: .*verify failed"):
+        await EdgeHub(AsyncStore(None), config)._session()  # type: ignore[arg-type]

@@ -76,9 +76,7 @@ def test_bad_input_is_a_usage_error(args, message):
 @pytest.mark.parametrize(
     "args",
     [
-        ["run"],
         ["run", "--standalone", "--manifests", "."],
-        ["join", "--cloud", "https://cloud.example", "--token", "t", "--node-name", "gw-1.site"],
         ["status"],
     ],
 )
@@ -96,3 +94,21 @@ def test_options_come_from_the_environment(monkeypatch):
     result = invoke("join")
     assert result.exit_code == 2
     assert "'http://not-tls.example' is not an https:// URL" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run"], "has not joined a cloud"),
+        (["join", "--cloud", "https://cloud.example", "--token", "t"], "bootstrap token"),
+    ],
+)
+def test_expected_failures_are_one_line(args, message, tmp_path):
+    result = subprocess.run(
+        [VENV_BIN / "outpost", *args, "--data-dir", tmp_path],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
