@@ -312,5 +312,5 @@ async def test_a_hub_with_a_certificate_from_another_ca_is_refused_at_once(
 ) -> None:
     stranger = Pki.create(tmp_path / "stranger")
     config = stranger.edge_config("gw-1", cloud.hub.port)
-    with trio.fail_after(5), pytest.raises(LinkDown, match="TLS with .* failed: .*verify failed"):
+    with trio.fail_after(5), pytest.raises(LinkDown, match=r"TLS with .* failed: .*verify failed"):
         await EdgeHub(AsyncStore(None), config)._session()  # type: ignore[arg-type]

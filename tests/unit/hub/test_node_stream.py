@@ -35,7 +35,8 @@ def test_a_full_queue_overflows_into_a_resync_and_holds_the_watermark_back() -> 
     s.offer(obj("a", 10))
     s.offer(obj("b", 11))
     s.offer(obj("c", 12))  # no room: overflow
-    assert s.overflowed and len(s.queue) == 0
+    assert s.overflowed
+    assert len(s.queue) == 0
     s.offer(obj("d", 13))  # ignored until the resync
     assert s.watermark(source_rv=99).rv == 9
     queued = s.resync([obj(u, rv) for u, rv in (("a", 10), ("b", 11), ("c", 12), ("d", 13))])
