@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 
 import trio
@@ -58,14 +59,21 @@ async def run(data_dir: Path, cloud_url: str | None) -> None:
                 "agent started",
                 extra={"node": me.node, "cloud": url, "hwm": store.hwm, "data_dir": data_dir},
             )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(hub.run)
-                nursery.start_soon(_publish_link, aio, link)
-                nursery.start_soon(_watch_outbox, aio, hub)
-                async for signum in signals:
-                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
-                    nursery.cancel_scope.cancel()
-                    break
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hub.run)
+                    nursery.start_soon(_publish_link, aio, link)
+                    nursery.start_soon(_watch_outbox, aio, hub)
+                    async for signum in signals:
+                        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                        nursery.cancel_scope.cancel()
+                        break
+            finally:
+                # Worker threads are done once the nursery is: the store is ours again.
+                store.set_state(
+                    LINK_STATE_KEY,
+                    {"online": False, "since": time.time(), "reason": "agent stopped"},
+                )
 
 
 async def _publish_link(aio: AsyncStore, link: LinkState) -> None:
@@ -84,3 +92,25 @@ async def _watch_outbox(aio: AsyncStore, hub: EdgeHub) -> None:
         if now != version:
             version = now
             hub.outbox_changed()
+
+
+def status(data_dir: Path) -> dict[str, object]:
+    """What `outpost status` shows, read from the store and the identity."""
+    path = data_dir / STORE_FILE
+    if not path.exists():
+        raise AgentError(f"no store at {path}: the agent has not run with --data-dir {data_dir}")
+    me = identity.load_identity(data_dir)
+    with Store(path) as store:
+        link = store.get_state(
+            LINK_STATE_KEY, {"online": False, "since": 0.0, "reason": "never connected"}
+        )
+        size, entries = store.outbox_size()
+        return {
+            "node": me.node if me else None,
+            "cloud": saved_cloud_url(data_dir),
+            "link": link,
+            "hwm": store.hwm,
+            "objects": store.counts(),
+            "outbox": {"entries": entries, "bytes": size},
+            "dropped": {str(op): n for op, n in store.dropped.items()},
+        }

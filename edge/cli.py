@@ -11,6 +11,7 @@ import platform
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -180,10 +181,41 @@ def _host_node_name() -> str:
 
 
 @cli.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    envvar="OUTPOST_DATA_DIR",
+    help="The agent's data folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def status(as_json: bool) -> None:
-    """Show the agent's connection, pods and devices."""
-    raise NotImplementedYet("`outpost status`")
+def status(data_dir: Path, as_json: bool) -> None:
+    """Show the node, its cloud link as the agent last recorded it, and the store's contents.
+
+    Reads the agent's store, so it works whether or not the agent is running.
+    """
+    try:
+        info = agent.status(data_dir)
+    except (agent.AgentError, identity.IdentityError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    link = info["link"]
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(link["since"]))
+    objects = ", ".join(f"{n} {kind}" for kind, n in sorted(info["objects"].items())) or "none"
+    dropped = ", ".join(f"{n} {op}" for op, n in sorted(info["dropped"].items()) if n) or "none"
+    click.echo(f"node:      {info['node'] or '(not joined)'}")
+    click.echo(f"cloud:     {info['cloud'] or '(none)'}")
+    click.echo(
+        f"link:      {'online' if link['online'] else 'offline'} since {since} ({link['reason']})"
+    )
+    click.echo(f"objects:   {objects} (applied up to message {info['hwm']})")
+    click.echo(
+        f"outbox:    {info['outbox']['entries']} reports, {info['outbox']['bytes']} bytes;"
+        f" dropped for lack of space: {dropped}"
+    )
 
 
 @cli.command()

@@ -6,6 +6,7 @@ its own data folder, optionally inside a network namespace (``tests.netns.EdgeLi
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -192,6 +193,13 @@ class Edge:
             with trio.move_on_after(10):
                 await self.process.wait()
             await self.kill()
+
+    async def status(self) -> dict:
+        result = await trio.run_process(
+            [VENV_BIN / "outpost", "status", "--json", "--data-dir", self.data_dir],
+            capture_stdout=True,
+        )
+        return json.loads(result.stdout)
 
     def store(self) -> Store:
         return Store(self.data_dir / "store.db")

@@ -375,6 +375,10 @@ class Store:
             )
         ]
 
+    def counts(self) -> dict[str, int]:
+        """How many objects of each kind are stored."""
+        return dict(self._db.execute("SELECT kind, COUNT(*) FROM objects GROUP BY kind"))
+
     # -- upstream: the outbox ----------------------------------------------------------------
 
     def report(

@@ -89,8 +89,17 @@ async def test_a_joined_edge_gets_its_configmaps_and_its_reports_reach_the_cloud
         assert {r["node"] for r in reports(cloud)} == {edge.node}
         with edge.store() as store:
             await until(lambda: store.outbox_size()[1] == 0, "acknowledged reports are deleted")
+        status = await edge.status()
+        assert status["node"] == edge.node
+        assert status["cloud"] == cloud.url
+        assert status["link"]["online"] is True
+        assert status["objects"] == {"ConfigMap": 1}
+        assert status["outbox"] == {"entries": 0, "bytes": 0}
     finally:
         await edge.stop()
+    status = await edge.status()
+    assert status["link"]["online"] is False
+    assert status["link"]["reason"] == "agent stopped"
 
 
 async def patch_data(kube: AsyncClient, name: str, namespace: str, data: dict[str, str]) -> None:

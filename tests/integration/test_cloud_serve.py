@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 
+import httpx2
 import pytest
 import trio
 
@@ -15,7 +16,10 @@ from tests.processes import VENV_BIN, LineReader, start
 pytestmark = pytest.mark.cluster
 
 
-async def test_serve_connects_to_kubernetes_and_stops_on_sigterm(control_plane: ControlPlane):
+async def test_serve_connects_to_kubernetes_serves_metrics_and_stops_on_sigterm(
+    control_plane: ControlPlane,
+):
+    metrics_port = free_port()
     process = await start(
         VENV_BIN / "outpost-cloud",
         "serve",
@@ -23,13 +27,26 @@ async def test_serve_connects_to_kubernetes_and_stops_on_sigterm(control_plane: 
         control_plane.kubeconfig,
         "--listen",
         f"127.0.0.1:{free_port()}",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
     )
     try:
         output = LineReader(process)
         with trio.fail_after(30):
             line = await output.wait_for(r"^.*msg=\"connected to Kubernetes\".*$")
+            await output.wait_for(r"msg=\"metrics listening\"")
         assert f"server={control_plane.server}" in line.group(0)
         assert "level=info" in line.group(0)
+        async with httpx2.AsyncClient() as http:
+            response = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert response.status_code == 200
+        for name in (
+            "outpost_hub_connected_nodes 0.0",
+            "outpost_hub_queue_depth 0.0",
+            "outpost_hub_ack_latency_seconds_count 0.0",
+            "outpost_hub_reconnects_total 0.0",
+        ):
+            assert name in response.text
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             await process.wait()

@@ -77,7 +77,6 @@ def test_bad_input_is_a_usage_error(args, message):
     "args",
     [
         ["run", "--standalone", "--manifests", "."],
-        ["status"],
     ],
 )
 def test_commands_not_built_yet_say_so_in_one_line(args):
@@ -100,6 +99,7 @@ def test_options_come_from_the_environment(monkeypatch):
     ("args", "message"),
     [
         (["run"], "has not joined a cloud"),
+        (["status"], "the agent has not run"),
         (["join", "--cloud", "https://cloud.example", "--token", "t"], "bootstrap token"),
     ],
 )
