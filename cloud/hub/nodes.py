@@ -51,13 +51,26 @@ class Watermark:
     acked: int
     rv: int
     upstream: int
+    epoch: str = ""
 
-    def to_json(self) -> dict[str, int]:
-        return {"next": self.next_seq, "acked": self.acked, "rv": self.rv, "up": self.upstream}
+    def to_json(self) -> dict[str, int | str]:
+        return {
+            "next": self.next_seq,
+            "acked": self.acked,
+            "rv": self.rv,
+            "up": self.upstream,
+            "epoch": self.epoch,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Watermark:
-        return cls(int(data["next"]), int(data["acked"]), int(data["rv"]), int(data["up"]))
+        return cls(
+            int(data["next"]),
+            int(data["acked"]),
+            int(data["rv"]),
+            int(data["up"]),
+            str(data.get("epoch", "")),
+        )
 
 
 @dataclass
@@ -68,6 +81,8 @@ class NodeStream:
     queue: CoalescingQueue
     inflight: InFlight
     receiver: ReceiveWindow
+    # The edge store this stream is with (``Hello.epoch``).
+    epoch: str = ""
     # The oldest resourceVersion each pending change stands for: queued ones by UID, numbered
     # ones by seq. The watermark's ``rv`` stays below all of them.
     queued_rv: dict[str, int] = field(default_factory=dict)
@@ -82,13 +97,21 @@ class NodeStream:
 
     @classmethod
     def fresh(
-        cls, name: str, *, capacity: int, window: int, next_seq: int = 1, upstream: int = 0
+        cls,
+        name: str,
+        *,
+        capacity: int,
+        window: int,
+        next_seq: int = 1,
+        upstream: int = 0,
+        epoch: str = "",
     ) -> NodeStream:
         return cls(
             name,
             CoalescingQueue(capacity),
             InFlight(window, next_seq=next_seq),
             ReceiveWindow(upstream),
+            epoch,
         )
 
     def kick(self) -> None:
@@ -163,7 +186,11 @@ class NodeStream:
         if self.floor_rv is not None:
             rv = min(rv, self.floor_rv)
         return Watermark(
-            self.inflight.next_seq, self.inflight.acked, max(rv, 0), self.receiver.applied_seq
+            self.inflight.next_seq,
+            self.inflight.acked,
+            max(rv, 0),
+            self.receiver.applied_seq,
+            self.epoch,
         )
 
     @property

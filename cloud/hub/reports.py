@@ -29,9 +29,15 @@ log = logging.getLogger("cloud.hub.reports")
 class ReportSink(Protocol):
     async def apply(self, node: str, messages: Sequence[Message]) -> None: ...
 
+    async def restart(self, node: str, epoch: str) -> None:
+        """The node's edge has a new store, numbering its reports from 1 again."""
+
 
 class LogOnly:
     """The default sink: a debug log line per report, nothing kept."""
+
+    async def restart(self, node: str, epoch: str) -> None:
+        log.info("edge store replaced", extra={"node": node, "epoch": epoch})
 
     async def apply(self, node: str, messages: Sequence[Message]) -> None:
         for message in messages:
@@ -64,8 +70,11 @@ class ReportLog:
                     except ValueError:
                         # A torn last line from a crash mid-write: it was never acknowledged.
                         continue
-                    node, seq = record["node"], record["seq"]
-                    self.last[node] = max(self.last.get(node, 0), seq)
+                    node = record["node"]
+                    if "restart" in record:
+                        self.last[node] = 0
+                    else:
+                        self.last[node] = max(self.last.get(node, 0), record["seq"])
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("ab")
         self._limiter = trio.CapacityLimiter(1)
@@ -94,6 +103,11 @@ class ReportLog:
         )
         await trio.to_thread.run_sync(self._append, lines, limiter=self._limiter)
         self.last[node] = fresh[-1].seq
+
+    async def restart(self, node: str, epoch: str) -> None:
+        line = json.dumps({"node": node, "restart": epoch}).encode() + b"\n"
+        await trio.to_thread.run_sync(self._append, line, limiter=self._limiter)
+        self.last[node] = 0
 
     def _append(self, data: bytes) -> None:
         self._file.write(data)

@@ -48,6 +48,7 @@ from edge.wire.connection import (
     Role,
     Settled,
 )
+from edge.wire.events import Hello
 
 log = logging.getLogger("cloud.hub")
 
@@ -349,7 +350,7 @@ class Hub:
                 self.metrics.replaced.inc()
                 log.info("replacing session", extra={"node": node, "old": old.remote})
                 await old.replace(f"replaced by a newer connection from {remote}")
-            stream_state = self._stream_for(node, hello.received)
+            stream_state = await self._stream_for(node, hello)
             try:
                 welcome, settled = conn.accept(
                     hello, inflight=stream_state.inflight, receiver=stream_state.receiver
@@ -395,50 +396,60 @@ class Hub:
             session.done.set()
             log.info("session closed", extra={"node": node, "remote": remote})
 
-    def _stream_for(self, node: str, edge_received: int) -> NodeStream:
-        """The node's stream, restored from its watermark after a cloud restart, and reset to
-        a full resync when the edge has lost what it had acknowledged (a wiped store)."""
+    async def _stream_for(self, node: str, hello: Hello) -> NodeStream:
+        """The node's stream: the one in memory, else restored from its persisted watermark
+        (a cloud restart), else new. An edge whose store is not the one the stream was with (a
+        new epoch, or a store that has lost acknowledged messages: wiped, re-flashed, restored
+        from a backup) starts over: a full resync downstream, numbering continued so that it
+        cannot be taken for redelivery, and its reports counted from 1 again."""
         s = self.settings
         stream = self.streams.get(node)
-        if stream is not None:
-            if edge_received >= stream.inflight.acked:
+        mark = None
+        if stream is None and self.watermarks is not None:
+            mark = self.watermarks.loaded.pop(node, None)
+        known = stream or mark
+        if known is not None:
+            acked = stream.inflight.acked if stream else mark.acked  # type: ignore[union-attr]
+            if known.epoch == hello.epoch and hello.received >= acked:
+                if stream is not None:
+                    return stream
+                assert mark is not None
+                stream = NodeStream.fresh(
+                    node,
+                    capacity=s.queue_capacity,
+                    window=s.window,
+                    next_seq=max(mark.next_seq, hello.received + 1),
+                    upstream=mark.upstream,
+                    epoch=hello.epoch,
+                )
+                queued = stream.resync(self._objects(node), since_rv=mark.rv)
+                self.resent += queued
+                log.info(
+                    "resuming node from its watermark",
+                    extra={"node": node, "rv": mark.rv, "queued": queued},
+                )
+                self.streams[node] = stream
                 return stream
             log.warning(
-                "edge lost acknowledged state, resyncing it in full",
+                "edge store replaced or lost acknowledged state, resyncing it in full",
                 extra={
                     "node": node,
-                    "edge_received": edge_received,
-                    "acked": stream.inflight.acked,
+                    "epoch": hello.epoch,
+                    "was": known.epoch,
+                    "edge_received": hello.received,
+                    "acked": acked,
                 },
             )
-            stream = NodeStream.fresh(
-                node,
-                capacity=s.queue_capacity,
-                window=s.window,
-                next_seq=stream.inflight.next_seq,
-                upstream=stream.receiver.applied_seq,
-            )
-            self.resent += stream.resync(self._objects(node))
-            self.streams[node] = stream
-            return stream
-        mark = self.watermarks.loaded.pop(node, None) if self.watermarks else None
-        next_seq = max(mark.next_seq if mark else 1, edge_received + 1)
+            await self.sink.restart(node, hello.epoch)
+        next_seq = stream.inflight.next_seq if stream else mark.next_seq if mark else 1
         stream = NodeStream.fresh(
             node,
             capacity=s.queue_capacity,
             window=s.window,
-            next_seq=next_seq,
-            upstream=mark.upstream if mark else 0,
+            next_seq=max(next_seq, hello.received + 1),
+            epoch=hello.epoch,
         )
-        if mark is not None and edge_received >= mark.acked:
-            queued = stream.resync(self._objects(node), since_rv=mark.rv)
-            self.resent += queued
-            log.info(
-                "resuming node from its watermark",
-                extra={"node": node, "rv": mark.rv, "queued": queued, "next_seq": next_seq},
-            )
-        else:
-            stream.resync(self._objects(node))
+        stream.resync(self._objects(node))
         self.streams[node] = stream
         return stream
 

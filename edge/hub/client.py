@@ -155,9 +155,17 @@ class EdgeHub:
         self._outbox_maybe = True
         self._wake.set()
 
-    async def report(self, op: Op | str, key: str, body: object, rv: str = "") -> None:
-        """Queue an upstream report durably and send it when the link allows."""
-        await self.store.run(self.store.store.report, op, key, body, rv)
+    async def report(
+        self,
+        op: Op | str,
+        key: str,
+        body: object,
+        rv: str = "",
+        coalesce_key: str | None = None,
+    ) -> None:
+        """Queue an upstream report durably (see ``Store.report``) and send it when the link
+        allows."""
+        await self.store.run(self.store.store.report, op, key, body, rv, coalesce_key)
         self.outbox_changed()
 
     # -- reconnecting -------------------------------------------------------------------------
@@ -283,6 +291,7 @@ class EdgeHub:
         store = self.store.store
         sending_from = await self.store.run(lambda: store.sending_from)
         hwm = await self.store.run(lambda: store.hwm)
+        epoch = await self.store.run(lambda: store.epoch)
         inflight = InFlight(self.config.window, next_seq=sending_from)
         for message in await self.store.run(store.unacked, sending_from - 1):
             inflight.hold(message)
@@ -293,7 +302,7 @@ class EdgeHub:
             receiver=ReceiveWindow(hwm),
             max_frame=self.config.max_frame,
         )
-        await self._send_frames(ws, [conn.hello(self.config.node, __version__)])
+        await self._send_frames(ws, [conn.hello(self.config.node, __version__, epoch)])
         try:
             with trio.fail_after(self.config.connect_timeout_s):
                 data = await ws.get_message()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,9 @@ DEFAULT_OUTBOX_BUDGET = 64 * 1024 * 1024
 # After a checkpoint SQLite truncates the WAL file to this size, so one large transaction does not
 # leave a large file behind for good.
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+
+_EPOCH_KEY = "stream.epoch"
 
 
 class StoreError(Exception):
@@ -473,6 +477,16 @@ class Store:
     def dropped(self) -> dict[Op, int]:
         """Reports lost to the disk budget since the database was created, by op."""
         return outbox.drops(self._db)
+
+    @property
+    def epoch(self) -> str:
+        """A random name for this database, made the first time it is asked for: the cloud
+        tells a new store (whose sequence numbers start again at 1) from an old one with it."""
+        epoch = self.get_state(_EPOCH_KEY)
+        if epoch is None:
+            epoch = secrets.token_hex(8)
+            self.set_state(_EPOCH_KEY, epoch)
+        return epoch
 
     @property
     def data_version(self) -> int:

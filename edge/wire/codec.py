@@ -51,8 +51,8 @@ def _message(m: Message) -> list[Any]:
 
 def _fields(frame: Frame) -> list[Any]:
     match frame:
-        case Hello(node, versions, received, sending_from, agent_version):
-            return [_HELLO, node, list(versions), received, sending_from, agent_version]
+        case Hello(node, versions, received, sending_from, agent_version, epoch):
+            return [_HELLO, node, list(versions), received, sending_from, agent_version, epoch]
         case Welcome(version, received, sending_from, heartbeat_s, max_frame, window):
             return [_WELCOME, version, received, sending_from, heartbeat_s, max_frame, window]
         case Refuse(reason, retry_after_s):
@@ -127,8 +127,8 @@ def _decode_message(raw: Any) -> Message:
 def _decode(fields: list[Any]) -> Frame:
     kind, *rest = fields
     n = len(rest)
-    if kind == _HELLO and n == 5:
-        node, versions, received, sending_from, agent_version = rest
+    if kind == _HELLO and n == 6:
+        node, versions, received, sending_from, agent_version, epoch = rest
         if type(versions) is not list or not 0 < len(versions) <= 16:
             raise ProtocolError("hello must list between 1 and 16 protocol versions")
         return Hello(
@@ -137,6 +137,7 @@ def _decode(fields: list[Any]) -> Frame:
             received=_int(received, "received"),
             sending_from=_int(sending_from, "sending from", 1),
             agent_version=_str(agent_version, "agent version", 128),
+            epoch=_str(epoch, "store epoch", 64),
         )
     if kind == _WELCOME and n == 6:
         version, received, sending_from, heartbeat_s, max_frame, window = rest

@@ -137,8 +137,8 @@ class Connection:
 
     # -- handshake ------------------------------------------------------------------------
 
-    def hello(self, node: str, agent_version: str = "") -> bytes:
-        """(edge) The first frame of a session."""
+    def hello(self, node: str, agent_version: str = "", epoch: str = "") -> bytes:
+        """(edge) The first frame of a session; ``epoch`` names the edge's store."""
         self._require(Role.EDGE, State.HANDSHAKE)
         return self._encode(
             Hello(
@@ -147,6 +147,7 @@ class Connection:
                 received=self.receiver.applied_seq,
                 sending_from=self.inflight.sending_from,
                 agent_version=agent_version,
+                epoch=epoch,
             )
         )
 

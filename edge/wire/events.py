@@ -72,6 +72,9 @@ class Hello:
     received: int
     sending_from: int
     agent_version: str = ""
+    # Names the edge's store: a new one (a re-flashed gateway, a wiped or restored disk) numbers
+    # its streams from scratch, and the cloud must not mistake that for redelivery.
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ stores, objects from a MemorySource (this file is about the channel, not Kuberne
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -51,14 +52,18 @@ async def cloud(pki: Pki, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterato
 
 @asynccontextmanager
 async def running_edge(path: Path, config: HubConfig) -> AsyncIterator[tuple[Store, EdgeHub]]:
-    """An edge hub on its own store, online; stopped before its store closes."""
-    with Store(path) as store:
+    """An edge hub on its own store, online; stopped before its store closes.
+
+    Yields a second connection to the store for the test's reads: the hub's connection is busy
+    in its worker thread, and SQLite connections are not shared between threads.
+    """
+    with Store(path) as store, Store(path) as reader:
         edge = EdgeHub(AsyncStore(store), config)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(edge.run)
             with trio.fail_after(10):
                 await edge.link.wait_online()
-            yield store, edge
+            yield reader, edge
             nursery.cancel_scope.cancel()
 
 
@@ -154,7 +159,7 @@ async def raw_session(pki: Pki, port: int, node: str = "gw-raw"):
 
 
 def hello(node: str, versions: tuple[int, ...] = codec.SUPPORTED_VERSIONS) -> bytes:
-    return codec.encode(Hello(node, versions, 0, 1, "test"))
+    return codec.encode(Hello(node, versions, 0, 1, "test", "raw-epoch"))
 
 
 async def closing_reason(ws: trio_websocket.WebSocketConnection) -> str:
@@ -314,3 +319,28 @@ async def test_a_hub_with_a_certificate_from_another_ca_is_refused_at_once(
     config = stranger.edge_config("gw-1", cloud.hub.port)
     with trio.fail_after(5), pytest.raises(LinkDown, match=r"TLS with .* failed: .*verify failed"):
         await EdgeHub(AsyncStore(None), config)._session()  # type: ignore[arg-type]
+
+
+async def test_an_edge_with_a_new_store_gets_everything_again_and_its_reports_count(
+    cloud: Cloud, pki: Pki, tmp_path: Path
+) -> None:
+    for name in ("a", "b", "c"):
+        cloud.source.put("gw-1", f"ns/ConfigMap/{name}", {"name": name})
+    config = pki.edge_config("gw-1", cloud.hub.port)
+    async with running_edge(tmp_path / "old.db", config) as (store, edge):
+        for i in range(5):
+            await edge.report(Op.EVENT, "ns/Pod/p", {"old": i}, coalesce_key=f"old-{i}")
+        await until(lambda: len(edge_state(store)) == 3, "the old store is synced")
+        await until(lambda: store.outbox_size()[1] == 0, "the old reports are acknowledged")
+    # The gateway is re-flashed: same identity, empty store, numbering from 1 again.
+    async with running_edge(tmp_path / "new.db", config) as (store, edge):
+        await until(lambda: edge_state(store) == cloud_state(cloud.source, "gw-1"), "a full resync")
+        for i in range(3):
+            await edge.report(Op.EVENT, "ns/Pod/p", {"new": i}, coalesce_key=f"new-{i}")
+        await until(lambda: store.outbox_size()[1] == 0, "the new reports are acknowledged")
+    lines = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
+    assert [r.get("body") for r in lines if "restart" not in r] == [
+        *({"old": i} for i in range(5)),
+        *({"new": i} for i in range(3)),
+    ]
+    assert cloud.reports.last["gw-1"] == 3

@@ -49,6 +49,7 @@ frames = st.one_of(
         received=st.integers(0, 2**40),
         sending_from=st.integers(1, 2**40),
         agent_version=st.text(max_size=10),
+        epoch=st.text(max_size=16),
     ),
     st.builds(
         Welcome,
@@ -105,7 +106,8 @@ def test_oversized_frames_are_refused_both_ways():
         ([5], "unknown frame type 5 with 0 fields"),
         ([5, -1], "ack must be an integer >= 0"),
         ([5, "1"], "ack must be an integer >= 0"),
-        ([1, "n", [], 0, 1, ""], "between 1 and 16 protocol versions"),
+        ([1, "n", [], 0, 1, "", "e"], "between 1 and 16 protocol versions"),
+        ([1, "n", [1], 0, 1, "", "e" * 65], "store epoch"),
         ([4, 0, [[0, "i", "put", "ns/Pod/p", "", None]]], "seq must be an integer >= 1"),
         ([4, 0, [[1, "i", "explode", "ns/Pod/p", "", None]]], "unknown op 'explode'"),
         ([4, 0, [[1, "i", "put", "Pod/p", "", None]]], "is not namespace/kind/name"),
