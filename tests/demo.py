@@ -1,8 +1,9 @@
-"""`make demo`: a local control plane with outpost-cloud connected to it, shown through kubectl.
+"""`make demo`: a local control plane, outpost-cloud, and one edge gateway joined to it.
 
-It starts the test control plane, starts `outpost-cloud serve` against it, waits until the cloud
-service reports that it reached Kubernetes, prints what kubectl sees, and stops everything.
-With --keep it stays up until Ctrl-C, so a person can explore with kubectl.
+It starts the test control plane and `outpost-cloud serve`, creates a join token, joins an edge
+(`outpost join`, then `outpost run` with its own data folder), creates a ConfigMap labelled for
+that node with kubectl, and shows it arriving in the edge's store (`outpost status`), then
+stops everything. With --keep it stays up until Ctrl-C, so a person can explore.
 """
 
 from __future__ import annotations
@@ -10,50 +11,73 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import trio
 
+from tests.channelkit import Cloud, Edge
 from tests.cluster import build
-from tests.cluster.controlplane import ControlPlane, ControlPlaneError, free_port
-from tests.processes import VENV_BIN, LineReader, start
+from tests.cluster.controlplane import ControlPlane, ControlPlaneError
+from tests.processes import VENV_BIN
+
+NODE = "demo-gateway"
+
+
+def _run(*args: str | Path) -> None:
+    print(f"\n$ {' '.join(str(a) for a in args)}", flush=True)
 
 
 async def _show(plane: ControlPlane, keep: bool) -> int:
-    listen = f"127.0.0.1:{free_port()}"
-    cloud = await start(
-        VENV_BIN / "outpost-cloud", "serve", "--kubeconfig", plane.kubeconfig, "--listen", listen
-    )
-    try:
-        with trio.move_on_after(30) as waited:
-            await LineReader(cloud).wait_for(r'msg="connected to Kubernetes"')
-        if waited.cancelled_caught:
-            print("outpost-cloud did not reach Kubernetes within 30 s", file=sys.stderr)
-            return 1
-        for args in (["version"], ["get", "nodes,pods", "--all-namespaces", "-o", "wide"]):
-            print(f"\n$ kubectl {' '.join(args)}", flush=True)
-            result = plane.kubectl(*args, check=False)
-            print(result.stdout + result.stderr, end="", flush=True)
-        print(
-            f"\noutpost-cloud is running and connected to {plane.server}. It does not accept"
-            " edge gateways yet, so no edge node is listed.",
-            flush=True,
-        )
-        if keep:
-            print(
-                f"\nexport KUBECONFIG={plane.kubeconfig}\nexport PATH={plane.bin_dir}:$PATH"
-                "\nCtrl-C stops everything.",
-                flush=True,
+    with tempfile.TemporaryDirectory(prefix="outpost-demo-") as folder:
+        cloud = Cloud(plane, Path(folder), heartbeat=5)
+        edge = Edge(NODE, Path(folder))
+        try:
+            await cloud.start()
+            print(f"outpost-cloud listening on {cloud.url} (log: {cloud.runs[-1].path})")
+            _run("outpost-cloud", "token", "create", NODE)
+            _run("outpost", "join", "--cloud", cloud.url, "--token", "…", "--node-name", NODE)
+            await edge.join(cloud)
+            _run("outpost", "run", "--data-dir", edge.data_dir)
+            await edge.start()
+            await edge.wait_online()
+            print(f"edge online (log: {edge.runs[-1].path})", flush=True)
+            for args in (
+                ["create", "configmap", "site-config", "--from-literal=setpoint=21.5"],
+                ["label", "configmap", "site-config", f"outpost.io/node={NODE}"],
+            ):
+                _run("kubectl", *args)
+                result = plane.kubectl(*args, check=False)
+                print(result.stdout + result.stderr, end="", flush=True)
+            with trio.fail_after(30):
+                while "default/ConfigMap/site-config" not in edge.objects():  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            _run("outpost", "status", "--data-dir", edge.data_dir)
+            result = await trio.run_process(
+                [VENV_BIN / "outpost", "status", "--data-dir", edge.data_dir],
+                capture_stdout=True,
             )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
-        return 0
-    finally:
-        cloud.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await cloud.wait()
-        if cloud.returncode is None:
-            cloud.kill()
+            print(result.stdout.decode(), end="", flush=True)
+            print(f"\nthe edge holds: {edge.objects()}", flush=True)
+            if keep:
+                print(
+                    f"\nexport KUBECONFIG={plane.kubeconfig}\nexport PATH={plane.bin_dir}:$PATH"
+                    f"\nLabel ConfigMaps outpost.io/node={NODE} to send them to the gateway;"
+                    f" `.venv/bin/outpost status --data-dir {edge.data_dir}` shows it."
+                    "\nCtrl-C stops everything.",
+                    flush=True,
+                )
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+        except trio.TooSlowError:
+            print("the demo timed out; see the logs above", file=sys.stderr)
+            return 1
+        else:
+            return 0
+        finally:
+            await edge.stop()
+            await cloud.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
