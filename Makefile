@@ -16,7 +16,7 @@ export OUTPOST_CACHE_DIR ?= $(HOME)/.cache/outpost
 # iproute2 for network namespaces, libglib2.0-dev to build bluepy, patchelf and ccache for the
 # native binary build.
 DEB_PACKAGES := runc containernetworking-plugins mosquitto socat docker-registry iproute2 iptables \
-	libglib2.0-dev patchelf ccache ca-certificates
+	libglib2.0-dev patchelf ccache ca-certificates busybox-static
 
 # pytest exits 5 when a selection collects no test (say, hw-tests on a machine without
 # hardware); that is not a failure of the code under test.
