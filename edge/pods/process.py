@@ -1,0 +1,133 @@
+"""Container processes the agent can lose and find again: output pipes that outlive the agent,
+and exit watching without being the parent.
+
+A container writes to pipes whose read ends the agent holds. If only the agent held them, a
+killed agent would leave the container writing into a pipe with no reader (SIGPIPE). So a
+*holder* (``sleep infinity``, a few hundred kilobytes) keeps a copy of each read end, in its own
+session so that it outlives the agent; a restarted agent opens ``/proc/<holder>/fd/<n>``, which
+is the same pipe, and reads on. While no agent reads, the pipe buffer (enlarged to 1 MiB) fills
+and the container's writes wait; nothing is lost.
+
+Exits: the agent is a child subreaper, so a container's init, once ``runc create`` has exited,
+becomes its child and its exit status can be collected. A container adopted after an agent
+restart is not the new agent's child: its exit is still seen (a pidfd becomes readable), but
+its exit code is unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import subprocess
+from dataclasses import dataclass
+
+import trio
+
+PIPE_SIZE = 1 << 20
+_PR_SET_CHILD_SUBREAPER = 36
+_F_SETPIPE_SZ = 1031
+
+
+def become_subreaper() -> None:
+    """Orphaned container processes become our children, so their exit codes are ours."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+@dataclass(frozen=True)
+class Pipes:
+    """The container's ends (to pass to ``runc create``) and ours (to read)."""
+
+    stdout_write: int
+    stderr_write: int
+    stdout_read: int
+    stderr_read: int
+    holder_pid: int
+    holder_fds: tuple[int, int]
+
+
+async def open_pipes() -> Pipes:
+    """Two pipes, and a holder process keeping their read ends alive without us."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (out_w, err_w):
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError as exc:
+            # A capped /proc/sys/fs/pipe-max-size keeps the default 64 KiB: smaller, still safe.
+            if exc.errno != errno.EPERM:
+                raise
+    holder = await trio.lowlevel.open_process(
+        ["sleep", "infinity"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(out_r, err_r),
+        start_new_session=True,
+    )
+    return Pipes(out_w, err_w, out_r, err_r, holder.pid, (out_r, err_r))
+
+
+def reopen_pipes(holder_pid: int, holder_fds: tuple[int, int]) -> tuple[int, int] | None:
+    """Our read ends again, from a holder left by an earlier agent; None if it is gone."""
+    try:
+        return tuple(  # type: ignore[return-value]
+            os.open(f"/proc/{holder_pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC) for fd in holder_fds
+        )
+    except OSError:
+        return None
+
+
+def stop_holder(holder_pid: int) -> None:
+    try:
+        os.kill(holder_pid, 9)
+    except ProcessLookupError:
+        return
+    # Our child if we started it; an earlier agent's holders belong to init now.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(holder_pid, 0)
+
+
+class Exited:
+    """Waits for a process to end; collects its exit code when it is our child."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd: int | None = os.pidfd_open(pid)
+
+    async def wait(self) -> int | None:
+        """The exit code (128+signal when killed), or None when it is not ours to know."""
+        assert self._fd is not None
+        await trio.lowlevel.wait_readable(self._fd)
+        try:
+            # The pidfd is readable: the process has ended, so this does not block.
+            result = os.waitid(os.P_PIDFD, self._fd, os.WEXITED)  # noqa: ASYNC222
+        except ChildProcessError:
+            return None
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        if result is None:
+            return None
+        if result.si_code == os.CLD_EXITED:
+            return result.si_status
+        return 128 + result.si_status
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
