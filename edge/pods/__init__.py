@@ -1,0 +1,1 @@
+"""Running Kubernetes pods on runc: manifests, OCI runtime specs, volumes and supervision."""
