@@ -19,6 +19,7 @@ import click
 import trio
 
 from edge import agent, identity, logs
+from edge.images.cli import image
 from edge.store import StoreError
 from edge.version import __version__
 
@@ -227,6 +228,9 @@ def version(as_json: bool) -> None:
         click.echo(json.dumps(info, sort_keys=True))
     else:
         click.echo(f"outpost {info['version']} (python {info['python']}, {info['platform']})")
+
+
+cli.add_command(image)
 
 
 def main() -> None:
