@@ -50,7 +50,26 @@ from cryptography.x509.oid import NameOID
 
 REGISTRY_BIN = Path("/usr/bin/docker-registry")
 BUSYBOX = Path("/bin/busybox")
-BUSYBOX_APPLETS = ("sh", "sleep", "echo", "cat", "ls", "wget", "nc", "httpd", "true", "false")
+BUSYBOX_APPLETS = (
+    "sh",
+    "sleep",
+    "echo",
+    "cat",
+    "ls",
+    "wget",
+    "nc",
+    "httpd",
+    "true",
+    "false",
+    "test",
+    "touch",
+    "rm",
+    "env",
+    "id",
+    "mkdir",
+    "grep",
+    "date",
+)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -36,7 +36,7 @@ class PodManager:
         """The source may have changed: reconcile soon."""
         self._wake.set()
 
-    async def run(self, *, resync_s: float = 5.0) -> None:
+    async def run(self, resync_s: float = 5.0) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._remove_orphans()
