@@ -36,7 +36,8 @@ def pod(name: str, *containers: dict[str, Any], **spec: Any) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": "default", "uid": str(uuid.uuid4())},
-        "spec": {"containers": list(containers), **spec},
+        # `sleep` as a container's PID 1 ignores SIGTERM: a short grace keeps tests short.
+        "spec": {"containers": list(containers), "terminationGracePeriodSeconds": 1, **spec},
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from edge.pods import process
 from edge.pods.runc import RuncError
 from edge.pods.supervisor import ANNOTATION_POD, PodSupervisor, Services, container_hash
 
@@ -29,6 +30,7 @@ class PodManager:
         self.s = services
         self.source = source
         self.supervisors: dict[str, PodSupervisor] = {}
+        self.stopping: set[str] = set()
         self._wake = trio.Event()
         self.adopted_ready = trio.Event()
 
@@ -37,6 +39,7 @@ class PodManager:
         self._wake.set()
 
     async def run(self, resync_s: float = 5.0) -> None:
+        process.become_subreaper()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._remove_orphans()
@@ -55,16 +58,28 @@ class PodManager:
         }
         for uid, supervisor in list(self.supervisors.items()):
             pod = desired.get(uid)
-            if pod is None or _hashes(pod) != _hashes(supervisor.pod):
-                # Gone, being deleted, or changed: stop it (a changed pod starts again below).
-                del self.supervisors[uid]
-                log.info("stopping pod", extra={"pod": supervisor.key, "changed": pod is not None})
-                await supervisor.stop()
+            if uid in self.stopping or (
+                pod is not None and _hashes(pod) == _hashes(supervisor.pod)
+            ):
+                continue
+            # Gone, being deleted, or changed: stop it in the background (a grace period must
+            # not hold up other pods); a changed pod starts again once it has stopped.
+            self.stopping.add(uid)
+            log.info("stopping pod", extra={"pod": supervisor.key, "changed": pod is not None})
+            self._nursery.start_soon(self._stop, uid, supervisor)
         for uid, pod in desired.items():
             if uid not in self.supervisors:
                 supervisor = PodSupervisor(self.s, pod)
                 self.supervisors[uid] = supervisor
                 self._nursery.start_soon(supervisor.run)
+
+    async def _stop(self, uid: str, supervisor: PodSupervisor) -> None:
+        try:
+            await supervisor.stop()
+        finally:
+            del self.supervisors[uid]
+            self.stopping.discard(uid)
+            self.changed()
 
     async def _remove_orphans(self) -> None:
         """runc containers whose pod is no longer wanted (deleted while the agent was down)."""

@@ -9,6 +9,7 @@ threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -179,7 +180,7 @@ class ContainerRuntime:
                 pod,
                 hostname=names,
                 pod_ips=[sandbox.ip],
-                host_hosts=Path("/etc/hosts").read_text(),
+                host_hosts=_read("/etc/hosts"),
                 host_resolv=_read("/etc/resolv.conf"),
             )
             await trio.to_thread.run_sync(volumes.write_plan, etc, layout.etc)
@@ -256,16 +257,12 @@ def _release(bundle: Path) -> None:
 
 
 def _remove_pod_cgroups(uid: str) -> None:
+    """runc removes a container's cgroup, not its pod's: remove those left empty."""
     relative = runtime_spec.cgroup_path(uid, "").strip("/")
     root = Path("/sys/fs/cgroup")
     for path in [root / relative, *root.glob(f"*/{relative}")]:
-        for child in sorted(path.glob("*/"), reverse=True) if path.exists() else []:
-            if child.is_dir():
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass
-        try:
-            path.rmdir()
-        except OSError:
-            pass
+        children = [c for c in path.glob("*") if c.is_dir()] if path.is_dir() else []
+        for folder in [*children, path]:
+            # Still in use (a container not yet gone) or already removed: leave it.
+            with contextlib.suppress(OSError):
+                folder.rmdir()

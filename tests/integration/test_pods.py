@@ -4,6 +4,7 @@ probes, restarts, graceful stop and logs."""
 from __future__ import annotations
 
 import base64
+from itertools import pairwise
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,8 +28,8 @@ def image() -> Any:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[PodWorld]:
-    yield PodWorld(tmp_path, crash_base_s=1.0)
+def world(tmp_path: Path) -> PodWorld:
+    return PodWorld(tmp_path, crash_base_s=1.0)
 
 
 @pytest.fixture
@@ -44,6 +45,12 @@ async def manager(world: PodWorld) -> AsyncIterator[PodManager]:
             while manager.supervisors:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+    leftovers = [
+        line
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if str(world.data_dir) in line
+    ]
+    assert leftovers == [], "a stopped pod left mounts behind"
 
 
 def read_log(world: PodWorld, manifest: dict, container: str, attempt: int = 0) -> str:
@@ -92,3 +99,221 @@ async def test_env_configmap_and_secret_volumes_are_visible_inside(
     status = world.status(manifest)
     assert status["containerStatuses"][0]["ready"] is True
     assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+
+async def test_a_bridged_pod_gets_its_own_ip_in_its_status(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    manifest = world.add(
+        pod("bridged", {"name": "app", "image": image, "command": ["sleep", "3600"]})
+    )
+    manager.changed()
+    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    status = world.status(manifest)
+    assert status["podIP"].startswith("10.215.0.")
+    assert status["hostIP"] != status["podIP"]
+
+
+async def test_readiness_follows_its_probe_and_a_failed_liveness_probe_restarts(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    manifest = world.add(
+        pod(
+            "probed",
+            {
+                "name": "app",
+                "image": image,
+                "command": ["sh", "-c", "sleep 1; touch /tmp/ready; sleep 3600"],
+                "readinessProbe": {
+                    "exec": {"command": ["test", "-f", "/tmp/ready"]},
+                    "periodSeconds": 1,
+                },
+                "livenessProbe": {
+                    "exec": {"command": ["test", "!", "-f", "/tmp/broken"]},
+                    "periodSeconds": 1,
+                    "failureThreshold": 2,
+                },
+            },
+            hostNetwork=True,
+        )
+    )
+    manager.changed()
+    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    assert world.container(manifest, "app")["ready"] is False
+    await until(lambda: world.container(manifest, "app").get("ready") is True, "it turns ready")
+    supervisor = next(iter(manager.supervisors.values()))
+    container_id = supervisor.running["app"].id
+    await world_services_exec(world, container_id, ["touch", "/tmp/broken"])
+    await until(
+        lambda: world.container(manifest, "app").get("restartCount") == 1, "liveness restarts it"
+    )
+    last = world.container(manifest, "app")["lastState"]["terminated"]
+    assert last["exitCode"] == 137
+    # A new container: a fresh writable layer, so not ready until the probe passes again.
+    await until(lambda: world.container(manifest, "app").get("ready") is True, "ready again")
+
+
+async def world_services_exec(world: PodWorld, container_id: str, argv: list[str]) -> None:
+    from edge.pods.runc import Runc
+
+    result = await Runc(world.data_dir / "runc").exec(container_id, argv)
+    assert result.exit_code == 0, result.output
+
+
+async def test_crash_loop_backoff_doubles_between_restarts(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    manifest = world.add(
+        pod("crashing", {"name": "app", "image": image, "command": ["false"]}, hostNetwork=True)
+    )
+    starts: list[float] = []
+    seen = -1
+
+    def restarted() -> bool:
+        nonlocal seen
+        count = world.container(manifest, "app").get("restartCount", -1)
+        if count != seen:
+            seen = count
+            starts.append(trio.current_time())
+        return count >= 4
+
+    manager.changed()
+    with trio.fail_after(30):
+        while not restarted():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    waiting = world.container(manifest, "app")["state"].get("waiting", {})
+    gaps = [b - a for a, b in pairwise(starts)]
+    # Base 1 s in this test (10 s in production): at once, then 1 s, then 2 s; each gap also
+    # holds the container's own start and run.
+    assert gaps[-3] < 0.9
+    assert 1.0 <= gaps[-2] < 1.9
+    assert 2.0 <= gaps[-1] < 2.9
+    assert waiting.get("reason") in ("CrashLoopBackOff", None)
+    assert world.status(manifest)["phase"] == "Running"
+
+
+async def test_graceful_stop_waits_for_sigterm_and_kills_at_the_grace_period(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    polite = world.add(
+        pod(
+            "polite",
+            {
+                "name": "app",
+                "image": image,
+                "command": [
+                    "sh",
+                    "-c",
+                    "trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done",
+                ],
+            },
+            hostNetwork=True,
+            terminationGracePeriodSeconds=10,
+        )
+    )
+    stubborn = world.add(
+        pod(
+            "stubborn",
+            {
+                "name": "app",
+                "image": image,
+                "command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"],
+                "lifecycle": {
+                    "preStop": {"exec": {"command": ["sh", "-c", "echo prestop > /tmp/p"]}}
+                },
+            },
+            hostNetwork=True,
+            terminationGracePeriodSeconds=2,
+        )
+    )
+    manager.changed()
+    for manifest in (polite, stubborn):
+        await until(lambda m=manifest: world.status(m).get("phase") == "Running", "running")
+    await trio.sleep(0.5)  # let the shells install their traps
+
+    async def stop(name: str) -> float:
+        supervisor = next(
+            s for s in manager.supervisors.values() if s.pod["metadata"]["name"] == name
+        )
+        started = trio.current_time()
+        del world.pods[name]
+        await supervisor.stop()
+        return trio.current_time() - started
+
+    assert await stop("polite") < 2
+    stubborn_s = await stop("stubborn")
+    assert 2 <= stubborn_s < 5
+    assert world.container(stubborn, "app")["state"]["terminated"]["exitCode"] == 137
+    assert "bye" in read_log(world, polite, "app")
+
+
+async def test_init_containers_run_first_in_order(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    manifest = world.add(
+        pod(
+            "init",
+            {
+                "name": "app",
+                "image": image,
+                "command": ["sh", "-c", "cat /work/order; sleep 3600"],
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+            },
+            initContainers=[
+                {
+                    "name": f"step{i}",
+                    "image": image,
+                    "command": ["sh", "-c", f"echo {i} >> /work/order"],
+                    "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                }
+                for i in (1, 2)
+            ],
+            volumes=[{"name": "work", "emptyDir": {}}],
+            hostNetwork=True,
+        )
+    )
+    manager.changed()
+    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    await until(lambda: read_log(world, manifest, "app").splitlines() == ["1", "2"], "in order")
+    inits = world.status(manifest)["initContainerStatuses"]
+    assert [c["state"]["terminated"]["reason"] for c in inits] == ["Completed", "Completed"]
+
+
+async def test_bad_pods_get_a_clear_reason_in_their_status(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    invalid = world.add(
+        pod("invalid", {"name": "a", "image": image}, {"name": "a", "image": image})
+    )
+    missing = world.add(
+        pod(
+            "missing-image",
+            {"name": "a", "image": image.replace(":1.0", ":nope")},
+            hostNetwork=True,
+        )
+    )
+    config = world.add(
+        pod(
+            "missing-configmap",
+            {"name": "a", "image": image, "envFrom": [{"configMapRef": {"name": "absent"}}]},
+            hostNetwork=True,
+        )
+    )
+    manager.changed()
+    await until(lambda: world.status(invalid).get("phase") == "Failed", "invalid fails")
+    assert "used twice" in world.status(invalid)["message"]
+    await until(
+        lambda: (
+            world.container(missing, "a").get("state", {}).get("waiting", {}).get("reason")
+            == "ErrImagePull"
+        ),
+        "the missing image is reported",
+    )
+    await until(
+        lambda: (
+            world.container(config, "a").get("state", {}).get("waiting", {}).get("reason")
+            == "CreateContainerConfigError"
+        ),
+        "the missing ConfigMap is reported",
+    )
+    assert "absent" in world.container(config, "a")["state"]["waiting"]["message"]
