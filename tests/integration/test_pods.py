@@ -4,9 +4,9 @@ probes, restarts, graceful stop and logs."""
 from __future__ import annotations
 
 import base64
-from itertools import pairwise
 import os
 from collections.abc import AsyncIterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,8 @@ async def manager(world: PodWorld) -> AsyncIterator[PodManager]:
             while manager.supervisors:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
-    leftovers = [
-        line
-        for line in Path("/proc/mounts").read_text().splitlines()
-        if str(world.data_dir) in line
-    ]
+    mounts = await trio.Path("/proc/mounts").read_text()
+    leftovers = [line for line in mounts.splitlines() if str(world.data_dir) in line]
     assert leftovers == [], "a stopped pod left mounts behind"
 
 
