@@ -3,18 +3,33 @@ built) pods and devices into one trio program that runs until SIGTERM."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
+import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from edge import identity
 from edge.hub.client import EdgeHub, HubConfig
 from edge.hub.link import LinkState
+from edge.images import ImageStore
+from edge.pods.cni import NetworkConfig
+from edge.pods.manager import PodManager
+from edge.pods.network import PodNetwork
+from edge.pods.runc import DEFAULT_ROOT as DEFAULT_RUNC_ROOT
+from edge.pods.runc import Runc
+from edge.pods.runtime import ContainerRuntime
+from edge.pods.sources import ManifestFolder, store_objects, store_pods
+from edge.pods.supervisor import Services
 from edge.store import Store
 from edge.store.aio import AsyncStore
+from edge.wire.events import Op
 
 log = logging.getLogger("edge.agent")
 
@@ -38,33 +53,55 @@ def save_cloud_url(data_dir: Path, url: str) -> None:
     (data_dir / CLOUD_URL_FILE).write_text(url + "\n")
 
 
-async def run(data_dir: Path, cloud_url: str | None) -> None:
+@dataclass
+class RunOptions:
+    data_dir: Path
+    cloud_url: str | None = None
+    manifests: Path | None = None  # standalone mode when set
+    runc_root: Path = DEFAULT_RUNC_ROOT
+    pod_subnet: str = "10.88.0.0/16"
+
+
+async def run(options: RunOptions) -> None:
     # Signals first: a SIGTERM during start-up must stop the agent cleanly.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        me = identity.load_identity(data_dir)
-        if me is None:
-            raise AgentError(
-                f"this gateway has not joined a cloud ({data_dir / 'identity'} is empty):"
-                " run `outpost join` first, or `outpost run --standalone`"
-            )
-        url = cloud_url or saved_cloud_url(data_dir)
-        if url is None:
-            raise AgentError(f"no cloud URL: pass --cloud, or join again to save it in {data_dir}")
-        config = HubConfig(cloud_url=url, node=me.node, ssl_context=identity.client_ssl_context(me))
+        data_dir = options.data_dir
+        hub_config = None
+        if options.manifests is None:
+            hub_config = _hub_config(data_dir, options.cloud_url)
+            node = hub_config.node
+        else:
+            node = socket.gethostname().lower()
+        data_dir.mkdir(parents=True, exist_ok=True)
         with Store(data_dir / STORE_FILE) as store:
             aio = AsyncStore(store)
             link = LinkState()
-            hub = EdgeHub(aio, config, link)
+            hub: EdgeHub | None = None
+            folder = ManifestFolder(options.manifests, node) if options.manifests else None
+            services = _pod_services(options, aio, node, folder, lambda: hub)
+            manager = PodManager(services, folder.pods if folder else store_pods(aio, node))
+            if hub_config is not None:
+                hub = EdgeHub(aio, hub_config, link, on_applied=lambda _: manager.changed())
             log.info(
                 "agent started",
-                extra={"node": me.node, "cloud": url, "hwm": store.hwm, "data_dir": data_dir},
+                extra={
+                    "node": node,
+                    "cloud": hub_config.cloud_url if hub_config else "(standalone)",
+                    "hwm": store.hwm,
+                    "data_dir": data_dir,
+                },
             )
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(hub.run)
-                    nursery.start_soon(_publish_link, aio, link)
-                    nursery.start_soon(_watch_outbox, aio, hub)
+                    nursery.start_soon(manager.run)
+                    if hub is not None:
+                        nursery.start_soon(hub.run)
+                        nursery.start_soon(_publish_link, aio, link)
+                        nursery.start_soon(_watch_outbox, aio, hub)
+                    await manager.adopted_ready.wait()
+                    log.info("pods adopted", extra={"pods": len(manager.supervisors)})
                     async for signum in signals:
+                        # Pods keep running: the next agent adopts them.
                         log.info("stopping", extra={"signal": signal.Signals(signum).name})
                         nursery.cancel_scope.cancel()
                         break
@@ -74,6 +111,60 @@ async def run(data_dir: Path, cloud_url: str | None) -> None:
                     LINK_STATE_KEY,
                     {"online": False, "since": time.time(), "reason": "agent stopped"},
                 )
+
+
+def _hub_config(data_dir: Path, cloud_url: str | None) -> HubConfig:
+    me = identity.load_identity(data_dir)
+    if me is None:
+        raise AgentError(
+            f"this gateway has not joined a cloud ({data_dir / 'identity'} is empty):"
+            " run `outpost join` first, or `outpost run --standalone`"
+        )
+    url = cloud_url or saved_cloud_url(data_dir)
+    if url is None:
+        raise AgentError(f"no cloud URL: pass --cloud, or join again to save it in {data_dir}")
+    return HubConfig(cloud_url=url, node=me.node, ssl_context=identity.client_ssl_context(me))
+
+
+def _pod_services(
+    options: RunOptions,
+    aio: AsyncStore,
+    node: str,
+    folder: ManifestFolder | None,
+    hub: Callable[[], EdgeHub | None],
+) -> Services:
+    data_dir = options.data_dir
+    network = PodNetwork(
+        data_dir / "network", NetworkConfig(subnet=ipaddress.ip_network(options.pod_subnet))
+    )
+    runtime = ContainerRuntime(
+        data_dir,
+        ImageStore(data_dir / "images"),
+        network,
+        folder.objects if folder else store_objects(aio),
+        node,
+    )
+
+    async def save_state(key: str, value: Any) -> None:
+        await aio.run(aio.store.set_state, key, value)
+
+    async def load_state(key: str) -> Any:
+        return await aio.run(aio.store.get_state, key)
+
+    async def report(key: str, body: dict[str, Any]) -> None:
+        await aio.run(aio.store.report, Op.STATUS, key, body)
+        current = hub()
+        if current is not None:
+            current.outbox_changed()
+
+    return Services(
+        data_dir=data_dir,
+        runc=Runc(options.runc_root),
+        runtime=runtime,
+        save_state=save_state,
+        load_state=load_state,
+        report=report,
+    )
 
 
 async def _publish_link(aio: AsyncStore, link: LinkState) -> None:

@@ -110,19 +110,49 @@ def cli(log_level: str) -> None:
     envvar="OUTPOST_URL",
     help="https:// URL of the outpost-cloud (default: the one given to `outpost join`).",
 )
-def run(data_dir: Path, standalone: bool, manifests: Path | None, cloud: str | None) -> None:
+@click.option(
+    "--runc-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=agent.DEFAULT_RUNC_ROOT,
+    show_default=True,
+    envvar="OUTPOST_RUNC_ROOT",
+    help="runc's state folder for Outpost's containers (on tmpfs: a reboot clears it).",
+)
+@click.option(
+    "--pod-subnet",
+    default="10.88.0.0/16",
+    show_default=True,
+    envvar="OUTPOST_POD_SUBNET",
+    help="Addresses for pods that do not use the host network.",
+)
+def run(
+    data_dir: Path,
+    standalone: bool,
+    manifests: Path | None,
+    cloud: str | None,
+    runc_root: Path,
+    pod_subnet: str,
+) -> None:
     """Run the agent in the foreground.
 
     It runs until SIGTERM or Ctrl-C, and keeps running while the cloud is unreachable,
     reconnecting with backoff. Stopping or restarting the agent never stops the pods it runs:
-    they are adopted again on the next start.
+    they are adopted again on the next start. After a reboot every pod in the store is started
+    again, without the cloud.
     """
     if manifests is not None and not standalone:
         raise click.UsageError("--manifests applies only with --standalone")
-    if standalone:
-        raise NotImplementedYet("`outpost run --standalone`")
+    if standalone and manifests is None:
+        raise click.UsageError("--standalone needs --manifests DIR: the pods to run")
+    options = agent.RunOptions(
+        data_dir=data_dir,
+        cloud_url=cloud,
+        manifests=manifests,
+        runc_root=runc_root,
+        pod_subnet=pod_subnet,
+    )
     try:
-        trio.run(agent.run, data_dir, cloud)
+        trio.run(agent.run, options)
     except (agent.AgentError, identity.IdentityError, StoreError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -60,13 +60,11 @@ class PodWorld:
                 name="outpost-test", bridge="otptest0", subnet=ipaddress.ip_network(subnet)
             ),
         )
-        runtime = ContainerRuntime(
-            self.data_dir,
-            self.images,
-            network,
-            lambda kind, ns: self.objects.get((kind, ns), {}),
-            "test-node",
-        )
+
+        async def objects(kind: str, namespace: str) -> dict[str, dict[str, Any]]:
+            return self.objects.get((kind, namespace), {})
+
+        runtime = ContainerRuntime(self.data_dir, self.images, network, objects, "test-node")
 
         async def save(key: str, value: Any) -> None:
             if value is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -136,8 +137,16 @@ def unwrap(group: BaseExceptionGroup, *preferred: type[BaseException]) -> BaseEx
 class EdgeHub:
     """Run with ``await hub.run()`` in a nursery; call ``outbox_changed`` after ``report``."""
 
-    def __init__(self, store: AsyncStore, config: HubConfig, link: LinkState | None = None):
+    def __init__(
+        self,
+        store: AsyncStore,
+        config: HubConfig,
+        link: LinkState | None = None,
+        on_applied: Callable[[tuple[str, ...]], None] | None = None,
+    ):
         self.store = store
+        # Told the keys of objects a downstream batch changed (the pod manager reconciles).
+        self.on_applied = on_applied
         self.config = config
         self.link = link or LinkState()
         self._backoff = tenacity.wait_random_exponential(
@@ -368,6 +377,8 @@ class EdgeHub:
             if received:
                 result = await self.store.run(store.apply_batch, received)
                 conn.applied(result.hwm)
+                if result.changed and self.on_applied is not None:
+                    self.on_applied(result.changed)
                 fresh = result.applied + result.unchanged
                 log.debug(
                     "applied",

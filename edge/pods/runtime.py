@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,8 @@ class Prepared:
     image_id: str
 
 
-Objects = Callable[[str, str], dict[str, dict[str, Any]]]  # (kind, namespace) -> name -> object
+# (kind, namespace) -> {name: object}
+Objects = Callable[[str, str], Awaitable[dict[str, dict[str, Any]]]]
 
 
 class ContainerRuntime:
@@ -119,11 +120,11 @@ class ContainerRuntime:
 
     # -- one container ----------------------------------------------------------------------
 
-    def _resolver(self, pod: dict[str, Any], sandbox: PodSandbox) -> Resolver:
+    async def _resolver(self, pod: dict[str, Any], sandbox: PodSandbox) -> Resolver:
         namespace = pod["metadata"].get("namespace", "default")
         return Resolver(
-            configmaps=self.objects("ConfigMap", namespace),
-            secrets=self.objects("Secret", namespace),
+            configmaps=await self.objects("ConfigMap", namespace),
+            secrets=await self.objects("Secret", namespace),
             node_name=self.node_name,
             host_ips=[sandbox.host_ip],
             pod_ips=[sandbox.ip],
@@ -141,7 +142,7 @@ class ContainerRuntime:
         except ValueError as exc:
             raise PrepareError("InvalidImageName", str(exc)) from exc
         namespace = pod["metadata"].get("namespace", "default")
-        secrets = self.objects("Secret", namespace)
+        secrets = await self.objects("Secret", namespace)
         pull_secrets = [
             secrets[s["name"]].get("data", {})
             for s in pod["spec"].get("imagePullSecrets", [])
@@ -169,7 +170,7 @@ class ContainerRuntime:
     ) -> Prepared:
         image = await self._image(pod, container, status)
         layout = self.layout(pod)
-        resolver = self._resolver(pod, sandbox)
+        resolver = await self._resolver(pod, sandbox)
         name = container["name"]
         names = pod_hostname(pod, node_hostname=os.uname().nodename)
         try:

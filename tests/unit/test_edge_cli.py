@@ -62,6 +62,7 @@ def test_installed_console_script_runs():
         ),
         (["join", "--cloud", "https://cloud.example"], "Missing option '--token'"),
         (["run", "--manifests", "."], "--manifests applies only with --standalone"),
+        (["run", "--standalone"], "--standalone needs --manifests"),
         (["run", "--frobnicate"], "No such option '--frobnicate'"),
         (["--log-level", "loud", "version"], "Invalid value for '--log-level'"),
     ],
@@ -71,20 +72,6 @@ def test_bad_input_is_a_usage_error(args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["run", "--standalone", "--manifests", "."],
-    ],
-)
-def test_commands_not_built_yet_say_so_in_one_line(args):
-    result = subprocess.run([VENV_BIN / "outpost", *args], capture_output=True, text=True)
-    assert result.returncode == 3
-    assert result.stderr.count("\n") == 1
-    assert result.stderr.startswith("Error: `outpost ")
-    assert "is not implemented yet" in result.stderr
 
 
 def test_options_come_from_the_environment(monkeypatch):
