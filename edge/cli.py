@@ -20,6 +20,7 @@ import trio
 
 from edge import agent, identity, logs
 from edge.images.cli import image
+from edge.pods import logs as pod_logs
 from edge.store import StoreError
 from edge.version import __version__
 
@@ -258,6 +259,72 @@ def version(as_json: bool) -> None:
         click.echo(json.dumps(info, sort_keys=True))
     else:
         click.echo(f"outpost {info['version']} (python {info['python']}, {info['platform']})")
+
+
+@cli.command("logs")
+@click.argument("pod")
+@click.option("-c", "--container", help="The container (needed when the pod has several).")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    envvar="OUTPOST_DATA_DIR",
+    help="The agent's data folder.",
+)
+def logs_command(
+    pod: str, container: str | None, namespace: str, follow: bool, data_dir: Path
+) -> None:
+    """Print a container's output, from the log files the agent keeps (with or without it
+    running), including its rotated files."""
+    try:
+        folder = pod_logs.container_log_dir(data_dir, namespace, pod, container)
+        path = pod_logs.current_log(folder)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for file in pod_logs.log_files(path):
+        _print_messages(file.read_bytes())
+    if follow:
+        try:
+            trio.run(_follow, folder, path)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_messages(data: bytes) -> None:
+    for entry in pod_logs.messages(iter(data.splitlines(keepends=True))):
+        stream = sys.stderr.buffer if entry.stream == "stderr" else sys.stdout.buffer
+        stream.write(entry.content + b"\n")
+        stream.flush()
+
+
+async def _follow(folder: Path, path: Path) -> None:
+    """Print what is appended, across rotations and container restarts."""
+    offset = path.stat().st_size  # noqa: ASYNC240 - one stat before the loop
+    pending = b""
+    while True:
+        await trio.sleep(0.25)
+        path, offset, chunk = await trio.to_thread.run_sync(_poll, folder, path, offset)
+        data = pending + chunk
+        complete = data.rfind(b"\n") + 1
+        pending = data[complete:]
+        _print_messages(data[:complete])
+
+
+def _poll(folder: Path, path: Path, offset: int) -> tuple[Path, int, bytes]:
+    """What was appended to the latest log since ``offset``."""
+    latest = pod_logs.current_log(folder)
+    if latest != path:  # the container restarted: its new run has a new file
+        path, offset = latest, 0
+    size = path.stat().st_size if path.exists() else 0
+    if size < offset:  # rotated: the file started again
+        offset = 0
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read(size - offset)
+    return path, size, chunk
 
 
 cli.add_command(image)

@@ -135,3 +135,36 @@ def log_files(path: Path) -> list[Path]:
         key=lambda p: -int(p.suffix[1:]),
     )
     return [*rotated, path] if path.exists() else rotated
+
+
+def container_log_dir(data_dir: Path, namespace: str, pod: str, container: str | None) -> Path:
+    """The folder of one container's logs (``<data>/logs/<ns>_<pod>_<uid>/<container>``).
+
+    With ``container`` None the pod must have exactly one. Raises ``LookupError`` with what
+    exists when there is no such pod or container.
+    """
+    pods = sorted((data_dir / "logs").glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
+    if not pods:
+        raise LookupError(f"no logs for pod {namespace}/{pod} in {data_dir / 'logs'}")
+    folder = pods[-1]
+    containers = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if container is None:
+        if len(containers) != 1:
+            raise LookupError(
+                f"pod {namespace}/{pod} has containers {', '.join(containers)}: choose one with -c"
+            )
+        container = containers[0]
+    if container not in containers:
+        raise LookupError(
+            f"pod {namespace}/{pod} has no container {container!r}"
+            f" (it has {', '.join(containers) or 'none'})"
+        )
+    return folder / container
+
+
+def current_log(folder: Path) -> Path:
+    """The log of the container's latest run (attempts are numbered from 0)."""
+    runs = sorted((p for p in folder.glob("*.log") if p.stem.isdigit()), key=lambda p: int(p.stem))
+    if not runs:
+        raise LookupError(f"no log files in {folder}")
+    return runs[-1]
