@@ -3,9 +3,9 @@ and exit watching without being the parent.
 
 A container writes to pipes whose read ends the agent holds. If only the agent held them, a
 killed agent would leave the container writing into a pipe with no reader (SIGPIPE). So a
-*holder* (``sleep infinity``, a few hundred kilobytes) keeps a copy of each read end, in its own
-session so that it outlives the agent; a restarted agent opens ``/proc/<holder>/fd/<n>``, which
-is the same pipe, and reads on. While no agent reads, the pipe buffer (enlarged to 1 MiB) fills
+*holder* (``tail --pid=<container> -f /dev/null``: a few hundred kilobytes, and it ends with the
+container) keeps a copy of each read end, in its own session so that it outlives the agent; a
+restarted agent opens ``/proc/<holder>/fd/<n>``, which is the same pipe, and reads on. While no agent reads, the pipe buffer (enlarged to 1 MiB) fills
 and the container's writes wait; nothing is lost.
 
 Exits: the agent is a child subreaper, so a container's init, once ``runc create`` has exited,
@@ -46,12 +46,9 @@ class Pipes:
     stderr_write: int
     stdout_read: int
     stderr_read: int
-    holder_pid: int
-    holder_fds: tuple[int, int]
 
 
-async def open_pipes() -> Pipes:
-    """Two pipes, and a holder process keeping their read ends alive without us."""
+def open_pipes() -> Pipes:
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     for fd in (out_w, err_w):
@@ -61,15 +58,21 @@ async def open_pipes() -> Pipes:
             # A capped /proc/sys/fs/pipe-max-size keeps the default 64 KiB: smaller, still safe.
             if exc.errno != errno.EPERM:
                 raise
+    return Pipes(out_w, err_w, out_r, err_r)
+
+
+async def hold(pipes: Pipes, container_pid: int) -> int:
+    """Start the holder of ``pipes``' read ends; it ends by itself once the container has
+    (``tail --pid`` checks every second), so none is left behind whatever happens to us."""
     holder = await trio.lowlevel.open_process(
-        ["sleep", "infinity"],
+        ["tail", f"--pid={container_pid}", "-f", "/dev/null"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        pass_fds=(out_r, err_r),
+        pass_fds=(pipes.stdout_read, pipes.stderr_read),
         start_new_session=True,
     )
-    return Pipes(out_w, err_w, out_r, err_r, holder.pid, (out_r, err_r))
+    return holder.pid
 
 
 def reopen_pipes(holder_pid: int, holder_fds: tuple[int, int]) -> tuple[int, int] | None:

@@ -361,7 +361,7 @@ class PodSupervisor:
             return None
         container_id = f"{self.uid}-{name}"
         await self.s.runc.delete(container_id, force=True)
-        pipes = await process.open_pipes()
+        pipes = process.open_pipes()
         try:
             pid = await self.s.runc.create(
                 container_id,
@@ -371,14 +371,8 @@ class PodSupervisor:
                 pid_file=prepared.bundle / "container.pid",
             )
         except RuncError as exc:
-            for fd in (
-                pipes.stdout_write,
-                pipes.stderr_write,
-                pipes.stdout_read,
-                pipes.stderr_read,
-            ):
+            for fd in (pipes.stdout_read, pipes.stderr_read):
                 os.close(fd)
-            process.stop_holder(pipes.holder_pid)
             status.waiting("RunContainerError", exc.detail)
             self._changed()
             return None
@@ -386,12 +380,14 @@ class PodSupervisor:
             for fd in (pipes.stdout_write, pipes.stderr_write):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        holder_pid = await process.hold(pipes, pid)
+        holder_fds = (pipes.stdout_read, pipes.stderr_read)
         exited = process.Exited(pid)
         running = Running(
             container_id,
             pid,
-            pipes.holder_pid,
-            pipes.holder_fds,
+            holder_pid,
+            holder_fds,
             attempt,
             trio.current_time(),
             exited,
@@ -408,8 +404,8 @@ class PodSupervisor:
         self._state["containers"][name] = {
             "id": container_id,
             "attempt": attempt,
-            "holder_pid": pipes.holder_pid,
-            "holder_fds": list(pipes.holder_fds),
+            "holder_pid": holder_pid,
+            "holder_fds": list(holder_fds),
             "started_at": started_at,
             "started_wall": time.time(),
             "restart_count": status.restart_count,
