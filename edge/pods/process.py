@@ -5,8 +5,9 @@ A container writes to pipes whose read ends the agent holds. If only the agent h
 killed agent would leave the container writing into a pipe with no reader (SIGPIPE). So a
 *holder* (``tail --pid=<container> -f /dev/null``: a few hundred kilobytes, and it ends with the
 container) keeps a copy of each read end, in its own session so that it outlives the agent; a
-restarted agent opens ``/proc/<holder>/fd/<n>``, which is the same pipe, and reads on. While no agent reads, the pipe buffer (enlarged to 1 MiB) fills
-and the container's writes wait; nothing is lost.
+restarted agent opens ``/proc/<holder>/fd/<n>``, which is the same pipe, and reads on. While
+no agent reads, the pipe buffer (enlarged to 1 MiB) fills and the container's writes wait;
+nothing is lost.
 
 Exits: the agent is a child subreaper, so a container's init, once ``runc create`` has exited,
 becomes its child and its exit status can be collected. A container adopted after an agent
