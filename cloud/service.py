@@ -15,7 +15,7 @@ import trio
 from cloud import bootstrap, kube, pki
 from cloud.hub.metrics import HubMetrics, serve_metrics
 from cloud.hub.reports import LogOnly, ReportLog, ReportSink
-from cloud.hub.server import Hub, HubSettings
+from cloud.hub.server import Hub, HubSettings, tune_gc
 from cloud.hub.source import ConfigMapSource
 from cloud.hub.tls import server_context
 from cloud.hub.watermarks import WatermarkStore
@@ -82,6 +82,7 @@ async def serve(options: ServeOptions) -> None:
                     "tls_sans": ",".join(sans),
                 },
             )
+            tune_gc()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(source.run)
                 await nursery.start(hub.run)

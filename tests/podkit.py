@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.images import ImageStore
+from edge.images.registry import RetryPolicy
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
 from edge.pods.network import PodNetwork
@@ -51,9 +52,13 @@ class PodWorld:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     crash_base_s: float = 10.0
+    log_max_bytes: int = 10 * 1024 * 1024
 
     def services(self, subnet: str = "10.215.0.0/24") -> Services:
-        self.images = ImageStore(self.data_dir / "images")
+        # Few, quick retries: a test about an unreachable registry must not wait for long.
+        self.images = ImageStore(
+            self.data_dir / "images", retry=RetryPolicy(attempts=2, initial_s=0.1, max_s=0.2)
+        )
         network = PodNetwork(
             self.data_dir / "network",
             NetworkConfig(
@@ -87,6 +92,7 @@ class PodWorld:
             load_state=load,
             report=report,
             crash_base_s=self.crash_base_s,
+            log_max_bytes=self.log_max_bytes,
         )
 
     def manager(self) -> PodManager:

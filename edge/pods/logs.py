@@ -94,12 +94,21 @@ class LogFile:
         self._size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
-        os.write(self._fd, data)
-        self._size += len(data)
+        """Append whole CRI lines, rotating between lines so that no file passes the limit
+        (unless one line alone does)."""
+        chunk = bytearray()
+        for line in data.splitlines(keepends=True):
+            if self._size + len(chunk) + len(line) > self.max_bytes and self._size + len(chunk):
+                self._flush(chunk)
+                chunk.clear()
+                self._rotate()
+            chunk += line
+        self._flush(chunk)
+
+    def _flush(self, chunk: bytes | bytearray) -> None:
+        if chunk:
+            os.write(self._fd, chunk)
+            self._size += len(chunk)
 
     def _rotate(self) -> None:
         os.close(self._fd)

@@ -70,6 +70,7 @@ class PodManager:
         for uid, pod in desired.items():
             if uid not in self.supervisors:
                 supervisor = PodSupervisor(self.s, pod)
+                log.info("pod admitted", extra={"pod": supervisor.key, "uid": uid})
                 self.supervisors[uid] = supervisor
                 self._nursery.start_soon(supervisor.run)
 

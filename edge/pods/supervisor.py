@@ -65,6 +65,8 @@ class Services:
     report: Callable[[str, dict[str, Any]], Awaitable[None]]
     crash_base_s: float = 10.0
     crash_cap_s: float = 300.0
+    log_max_bytes: int = logs.DEFAULT_MAX_BYTES
+    log_max_files: int = logs.DEFAULT_MAX_FILES
 
 
 @dataclass
@@ -420,7 +422,7 @@ class PodSupervisor:
     def _pump(self, running: Running, container: dict[str, Any], fds: tuple[int, int]) -> None:
         assert self._pumps is not None
         path = self.s.runtime.log_path(self.pod, container["name"], running.attempt)
-        log_file = logs.LogFile(path)
+        log_file = logs.LogFile(path, self.s.log_max_bytes, self.s.log_max_files)
 
         async def pump_both() -> None:
             try:

@@ -286,6 +286,11 @@ class Connection:
             self._last_sent = now
         return frames
 
+    @property
+    def wants_to_send(self) -> bool:
+        """A pong is owed or applied data awaits its ack: call ``outgoing`` soon."""
+        return self._pong_due or bool(self.receiver.ack_pending)
+
     def expired(self, now: float) -> bool:
         """True when the peer has been silent too long to be alive."""
         return now - self._last_received > MISSED_HEARTBEATS * self.heartbeat_s

@@ -20,7 +20,7 @@ from edge.hub.client import EdgeHub, HubConfig, LinkDown
 from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.wire import codec
-from edge.wire.events import Batch, Close, Hello, Message, Op, Refuse, Welcome
+from edge.wire.events import Batch, Close, Hello, Message, Op, Ping, Pong, Refuse, Welcome
 from tests.hubkit import Pki, until
 
 
@@ -344,3 +344,15 @@ async def test_an_edge_with_a_new_store_gets_everything_again_and_its_reports_co
         *({"new": i} for i in range(3)),
     ]
     assert cloud.reports.last["gw-1"] == 3
+
+
+async def test_a_ping_is_answered_at_once(pki: Pki, nursery: trio.Nursery) -> None:
+    slow = Hub(HubSettings(host="127.0.0.1", port=0, heartbeat_s=30), pki.server_context())
+    await nursery.start(slow.run)
+    async with await raw_session(pki, slow.port) as ws:
+        await ws.send_message(hello("gw-raw"))
+        assert isinstance(codec.decode(await ws.get_message()), Welcome)
+        assert isinstance(codec.decode(await ws.get_message()), Batch)  # the inventory
+        await ws.send_message(codec.encode(Ping(0)))
+        with trio.fail_after(2):
+            assert isinstance(codec.decode(await ws.get_message()), Pong)

@@ -314,3 +314,68 @@ async def test_bad_pods_get_a_clear_reason_in_their_status(
         "the missing ConfigMap is reported",
     )
     assert "absent" in world.container(config, "a")["state"]["waiting"]["message"]
+
+
+async def test_logs_rotate_by_size_and_read_back_whole(
+    world: PodWorld, image: str, tmp_path: Path
+) -> None:
+    world.log_max_bytes = 4096
+    manager = world.manager()
+    manifest = world.add(
+        pod(
+            "chatty",
+            {
+                "name": "app",
+                "image": image,
+                "command": [
+                    "sh",
+                    "-c",
+                    "i=0; while [ $i -lt 400 ]; do echo line $i; i=$((i+1)); done; sleep 3600",
+                ],
+            },
+            hostNetwork=True,
+        )
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.run, 0.2)
+        path = None
+        with trio.fail_after(20):
+            while path is None or b"line 399" not in path.read_bytes():
+                await trio.sleep(0.1)
+                candidate = world.runtime.log_path(manifest, "app", 0)
+                path = candidate if candidate.exists() else None
+        files = logs.log_files(path)
+        world.pods.clear()
+        manager.changed()
+        with trio.fail_after(30):
+            while manager.supervisors:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert [f.name for f in files] == ["0.log.2", "0.log.1", "0.log"]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    kept = [
+        m.content.decode()
+        for f in files
+        for m in logs.messages(iter(f.read_bytes().splitlines(keepends=True)))
+    ]
+    # The newest lines are kept, in order, whole; the oldest rotated away.
+    assert kept[-1] == "line 399"
+    numbers = [int(line.split()[1]) for line in kept]
+    assert numbers == list(range(numbers[0], 400))
+    assert numbers[0] > 0
+
+
+async def test_an_unreachable_registry_is_image_pull_back_off(
+    world: PodWorld, manager: PodManager
+) -> None:
+    manifest = world.add(
+        pod("offline", {"name": "a", "image": "127.0.0.1:9/test/busybox:1.0"}, hostNetwork=True)
+    )
+    manager.changed()
+    await until(
+        lambda: (
+            world.container(manifest, "a").get("state", {}).get("waiting", {}).get("reason")
+            == "ImagePullBackOff"
+        ),
+        "the pull backs off",
+    )
