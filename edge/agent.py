@@ -38,6 +38,7 @@ CLOUD_URL_FILE = "cloud-url"
 LINK_STATE_KEY = "cloud.link"
 # How often to look for reports other processes queued in the store.
 OUTBOX_POLL_S = 1.0
+IMAGE_GC_INTERVAL_S = 600.0
 
 
 class AgentError(Exception):
@@ -94,6 +95,7 @@ async def run(options: RunOptions) -> None:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(manager.run)
+                    nursery.start_soon(_collect_images, manager, services.runtime)
                     if hub is not None:
                         nursery.start_soon(hub.run)
                         nursery.start_soon(_publish_link, aio, link)
@@ -165,6 +167,26 @@ def _pod_services(
         load_state=load_state,
         report=report,
     )
+
+
+async def _collect_images(manager: PodManager, runtime: ContainerRuntime) -> None:
+    """Keep images within their disk budget: those no pod here uses go, least recent first."""
+    while True:
+        await trio.sleep(IMAGE_GC_INTERVAL_S)
+        in_use = {
+            c.get("image", "")
+            for supervisor in list(manager.supervisors.values())
+            for c in (
+                *supervisor.pod["spec"].get("initContainers", []),
+                *supervisor.pod["spec"].get("containers", []),
+            )
+        }
+        result = await trio.to_thread.run_sync(runtime.images.gc, in_use)
+        if result.removed_images or result.removed_blobs:
+            log.info(
+                "images collected",
+                extra={"images": len(result.removed_images), "freed_bytes": result.freed_bytes},
+            )
 
 
 async def _publish_link(aio: AsyncStore, link: LinkState) -> None:
