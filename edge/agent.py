@@ -11,13 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from edge import identity
-from edge.hub.client import EdgeHub, HubConfig
-from edge.hub.link import LinkState
 from edge.images import ImageStore
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
@@ -30,6 +27,10 @@ from edge.pods.supervisor import Services
 from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.wire.events import Op
+
+if TYPE_CHECKING:
+    from edge.hub.client import EdgeHub, HubConfig
+    from edge.hub.link import LinkState
 
 log = logging.getLogger("edge.agent")
 
@@ -76,12 +77,17 @@ async def run(options: RunOptions) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         with Store(data_dir / STORE_FILE) as store:
             aio = AsyncStore(store)
-            link = LinkState()
             hub: EdgeHub | None = None
             folder = ManifestFolder(options.manifests, node) if options.manifests else None
             services = _pod_services(options, aio, node, folder, lambda: hub)
             manager = PodManager(services, folder.pods if folder else store_pods(aio, node))
             if hub_config is not None:
+                # Imported only when joined: standalone gateways do without the TLS, WebSocket
+                # and certificate code (about 10 MB of memory).
+                from edge.hub.client import EdgeHub
+                from edge.hub.link import LinkState
+
+                link = LinkState()
                 hub = EdgeHub(aio, hub_config, link, on_applied=lambda _: manager.changed())
             log.info(
                 "agent started",
@@ -116,16 +122,22 @@ async def run(options: RunOptions) -> None:
 
 
 def _hub_config(data_dir: Path, cloud_url: str | None) -> HubConfig:
-    me = identity.load_identity(data_dir)
-    if me is None:
-        raise AgentError(
-            f"this gateway has not joined a cloud ({data_dir / 'identity'} is empty):"
-            " run `outpost join` first, or `outpost run --standalone`"
-        )
-    url = cloud_url or saved_cloud_url(data_dir)
-    if url is None:
-        raise AgentError(f"no cloud URL: pass --cloud, or join again to save it in {data_dir}")
-    return HubConfig(cloud_url=url, node=me.node, ssl_context=identity.client_ssl_context(me))
+    from edge import identity
+    from edge.hub.client import HubConfig
+
+    try:
+        me = identity.load_identity(data_dir)
+        if me is None:
+            raise AgentError(
+                f"this gateway has not joined a cloud ({data_dir / 'identity'} is empty):"
+                " run `outpost join` first, or `outpost run --standalone`"
+            )
+        url = cloud_url or saved_cloud_url(data_dir)
+        if url is None:
+            raise AgentError(f"no cloud URL: pass --cloud, or join again to save it in {data_dir}")
+        return HubConfig(cloud_url=url, node=me.node, ssl_context=identity.client_ssl_context(me))
+    except identity.IdentityError as exc:
+        raise AgentError(str(exc)) from exc
 
 
 def _pod_services(
@@ -209,6 +221,8 @@ async def _watch_outbox(aio: AsyncStore, hub: EdgeHub) -> None:
 
 def status(data_dir: Path) -> dict[str, object]:
     """What `outpost status` shows, read from the store and the identity."""
+    from edge import identity
+
     path = data_dir / STORE_FILE
     if not path.exists():
         raise AgentError(f"no store at {path}: the agent has not run with --data-dir {data_dir}")

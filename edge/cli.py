@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import click
 import trio
 
-from edge import agent, identity, logs
+from edge import agent, logs
 from edge.images.cli import image
 from edge.pods import logs as pod_logs
 from edge.store import StoreError
@@ -154,7 +154,7 @@ def run(
     )
     try:
         trio.run(agent.run, options)
-    except (agent.AgentError, identity.IdentityError, StoreError) as exc:
+    except (agent.AgentError, StoreError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -192,6 +192,8 @@ def join(cloud: str, token: str, node_name: str | None, data_dir: Path) -> None:
     Trades the bootstrap token for a node certificate bound to the node name. The private key
     is made here and never leaves this gateway.
     """
+    from edge import identity  # only joining needs the certificate code
+
     node = node_name or _host_node_name()
     try:
         saved = trio.run(identity.join, cloud, token, node, data_dir)
@@ -229,7 +231,7 @@ def status(data_dir: Path, as_json: bool) -> None:
     """
     try:
         info = agent.status(data_dir)
-    except (agent.AgentError, identity.IdentityError, StoreError) as exc:
+    except (agent.AgentError, StoreError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))

@@ -42,6 +42,7 @@ class PodManager:
         process.become_subreaper()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._reap)
             await self._remove_orphans()
             while True:
                 self._wake = trio.Event()
@@ -49,6 +50,11 @@ class PodManager:
                 self.adopted_ready.set()
                 with trio.move_on_after(resync_s):
                     await self._wake.wait()
+
+    async def _reap(self) -> None:
+        while True:
+            await trio.sleep(1)
+            await trio.to_thread.run_sync(process.reap_runc_orphans)
 
     async def reconcile(self) -> None:
         desired = {

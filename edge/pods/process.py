@@ -24,6 +24,7 @@ import fcntl
 import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -135,3 +136,29 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def reap_runc_orphans() -> int:
+    """Collect runc's helper processes that were orphaned onto us (we are a subreaper) and
+    ended: ``runc:[1:CHILD]`` from creates, ``runc:[2:INIT]`` from execs cut short. Left as
+    zombies they are never freed, and one inside a container's PID namespace keeps that
+    container's init from finishing its exit. Only those are touched: trio waits for its own
+    subprocesses, and containers are waited for by pid."""
+    reaped = 0
+    for children in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = children.read_text().split()
+        except OSError:
+            continue
+        for pid in map(int, pids):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            state = stat[stat.rindex(")") + 2 :].split(" ", 1)[0]
+            if state == "Z" and name.startswith("runc:["):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                    reaped += 1
+    return reaped

@@ -205,13 +205,16 @@ class Connection:
             return self._handshake(frame)
         match frame:
             case Batch(ack, messages):
-                events = self._settle(ack)
+                # Check everything before changing anything: a frame that breaks the protocol
+                # must not settle half of what it carries (the shell would never hear of it).
                 for message in messages:
                     if message.op not in self._accepts:
                         raise ProtocolError(
                             f"{message.op.value!r} may not be sent to the {self.role.value}"
                         )
+                self.inflight.check_ack(ack)
                 fresh = self.receiver.accept(messages)
+                events = self._settle(ack)
                 if fresh:
                     events.append(Received(tuple(fresh)))
                 return events

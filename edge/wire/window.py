@@ -134,12 +134,16 @@ class InFlight:
             self._unsent += 1
         return taken
 
-    def ack(self, n: int) -> list[Message]:
-        """Settle every message up to ``n``; returns them. Stale acks settle nothing."""
+    def check_ack(self, n: int) -> None:
+        """Raise ``ProtocolError`` if ``n`` acknowledges something never sent."""
         if n >= self.next_seq:
             raise ProtocolError(
                 f"ack {n} is for a message never sent (last sent {self.next_seq - 1})"
             )
+
+    def ack(self, n: int) -> list[Message]:
+        """Settle every message up to ``n``; returns them. Stale acks settle nothing."""
+        self.check_ack(n)
         settled = []
         while self._messages and self._messages[0].seq <= n:
             settled.append(self._messages.popleft())
@@ -183,18 +187,23 @@ class ReceiveWindow:
         self.expected = self.applied_seq + 1
 
     def accept(self, messages: Iterable[Message]) -> list[Message]:
-        """The messages the caller must apply, in order; redeliveries are dropped."""
+        """The messages the caller must apply, in order; redeliveries are dropped.
+
+        All or nothing: a batch with a gap raises ``ProtocolError`` and changes nothing.
+        """
         fresh = []
+        expected, duplicates = self.expected, 0
         for message in messages:
-            if message.seq < self.expected:
-                self.duplicates += 1
-            elif message.seq == self.expected:
+            if message.seq < expected:
+                duplicates += 1
+            elif message.seq == expected:
                 fresh.append(message)
-                self.expected += 1
+                expected += 1
             else:
                 raise ProtocolError(
-                    f"message seq {message.seq} arrived out of order: expected {self.expected}"
+                    f"message seq {message.seq} arrived out of order: expected {expected}"
                 )
+        self.expected, self.duplicates = expected, self.duplicates + duplicates
         return fresh
 
     def applied(self, seq: int) -> None:

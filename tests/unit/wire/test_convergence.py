@@ -210,6 +210,8 @@ class World:
                 or len(self.cloud.inflight)
                 or len(self.edge.inflight)
                 or self.edge.unnumbered
+                or self.cloud_conn.wants_to_send
+                or self.edge_conn.wants_to_send
             ):
                 return
         raise AssertionError("did not converge over a perfect link")

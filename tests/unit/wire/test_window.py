@@ -56,3 +56,33 @@ def test_receiver_drops_redeliveries_and_acks_only_applied_data():
     assert receiver.ack_pending == 0
     receiver.applied(6)
     assert receiver.take_ack() == 6
+
+
+def test_a_batch_with_a_gap_changes_nothing() -> None:
+    from edge.wire.events import Message
+
+    receiver = ReceiveWindow()
+    batch = [Message(1, "a", Op.PUT, "ns/Pod/a"), Message(3, "c", Op.PUT, "ns/Pod/c")]
+    with pytest.raises(ProtocolError, match="out of order"):
+        receiver.accept(batch)
+    assert receiver.expected == 1
+    assert [m.seq for m in receiver.accept(batch[:1])] == [1]
+
+
+def test_a_bad_frame_does_not_settle_the_ack_it_carries() -> None:
+    from edge.wire.connection import Connection, Role
+    from edge.wire.events import Batch, Message
+
+    edge = Connection(Role.EDGE, now=0, inflight=InFlight(8), receiver=ReceiveWindow())
+    cloud = Connection(Role.CLOUD, now=0)
+    [hello] = cloud.receive(edge.hello("gw"), 0)
+    welcome, _ = cloud.accept(hello.hello, inflight=InFlight(8), receiver=ReceiveWindow())
+    edge.receive(welcome, 0)
+    edge.inflight.hold(Message(1, "r", Op.STATUS, "ns/Pod/p"))
+    edge.outgoing(0)
+    from edge.wire import codec
+
+    gap = codec.encode(Batch(1, (Message(2, "m", Op.PUT, "ns/Pod/p"),)))
+    with pytest.raises(ProtocolError):
+        edge.receive(gap, 0)
+    assert len(edge.inflight) == 1  # still held: the shell never heard it was settled
