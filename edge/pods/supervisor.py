@@ -402,6 +402,9 @@ class PodSupervisor:
         started_at = now_rfc3339()
         status.image_id = prepared.image_id
         status.running(container_id, started_at)
+        # Without a readiness probe a running container is ready, in the same report.
+        status.ready = not container.get("readinessProbe")
+        status.started = not container.get("startupProbe")
         self.running[name] = running
         self._state["containers"][name] = {
             "id": container_id,

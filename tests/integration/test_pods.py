@@ -93,8 +93,8 @@ async def test_env_configmap_and_secret_volumes_are_visible_inside(
     await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
     await until(lambda: "s3cret" in read_log(world, manifest, "app"), "the output is logged")
     assert read_log(world, manifest, "app").splitlines() == ["env=hello", "eco", "s3cret"]
+    await until(lambda: world.container(manifest, "app").get("ready") is True, "ready")
     status = world.status(manifest)
-    assert status["containerStatuses"][0]["ready"] is True
     assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "True"
 
 
