@@ -19,12 +19,12 @@ import click
 import trio
 
 from edge import agent, logs
+from edge.cli_options import data_dir_option
 from edge.images.cli import image
 from edge.pods import logs as pod_logs
 from edge.store import StoreError
 from edge.version import __version__
 
-DEFAULT_DATA_DIR = Path("/var/lib/outpost")
 # Kubernetes node names are DNS-1123 subdomains.
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -86,14 +86,7 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    envvar="OUTPOST_DATA_DIR",
-    help="Folder for the store, images, pod state and logs.",
-)
+@data_dir_option("Folder for the store, images, pod state and logs.")
 @click.option(
     "--standalone",
     is_flag=True,
@@ -178,13 +171,8 @@ def run(
     envvar="OUTPOST_NODE_NAME",
     help="Name of this node in Kubernetes (default: the host name, lower-cased).",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    envvar="OUTPOST_DATA_DIR",
-    help="Folder for the store, images, pod state and logs; the identity goes in identity/.",
+@data_dir_option(
+    "Folder for the store, images, pod state and logs; the identity goes in identity/."
 )
 def join(cloud: str, token: str, node_name: str | None, data_dir: Path) -> None:
     """Join this gateway to an outpost-cloud.
@@ -215,14 +203,7 @@ def _host_node_name() -> str:
 
 
 @cli.command()
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    envvar="OUTPOST_DATA_DIR",
-    help="The agent's data folder.",
-)
+@data_dir_option()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(data_dir: Path, as_json: bool) -> None:
     """Show the node, its cloud link as the agent last recorded it, and the store's contents.
@@ -268,14 +249,7 @@ def version(as_json: bool) -> None:
 @click.option("-c", "--container", help="The container (needed when the pod has several).")
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    envvar="OUTPOST_DATA_DIR",
-    help="The agent's data folder.",
-)
+@data_dir_option()
 def logs_command(
     pod: str, container: str | None, namespace: str, follow: bool, data_dir: Path
 ) -> None:

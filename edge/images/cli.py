@@ -22,6 +22,7 @@ from typing import Any
 import click
 import trio
 
+from edge.cli_options import data_dir_option
 from edge.images.auth import Credentials
 from edge.images.errors import ImageError
 from edge.images.index import Image
@@ -30,7 +31,6 @@ from edge.images.reference import Reference
 from edge.images.store import ImageStore
 
 # The same default as the agent's other commands (edge.cli), which import this module.
-DEFAULT_DATA_DIR = Path("/var/lib/outpost")
 IMAGES_DIR = "images"
 
 
@@ -58,14 +58,7 @@ def _store(ctx: click.Context, plain_http: Collection[str] = ()) -> Iterator[Ima
 
 
 @click.group()
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    envvar="OUTPOST_DATA_DIR",
-    help="The agent's data folder; images are kept in its images/ folder.",
-)
+@data_dir_option("The agent's data folder; images are kept in its images/ folder.")
 @click.pass_context
 def image(ctx: click.Context, data_dir: Path) -> None:
     """List, pull, import and remove the images on this gateway."""
