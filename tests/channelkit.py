@@ -61,7 +61,27 @@ async def spawn(log: Path, *args: str | Path) -> tuple[trio.Process, LogFile]:
     return process, LogFile(log)
 
 
-class Cloud:
+class Managed:
+    """A long-running process a test starts, kills with -9, or stops with SIGTERM; every run's
+    output is kept in ``runs``."""
+
+    process: trio.Process | None = None
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within 10 s."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await self.process.wait()
+            await self.kill()
+
+
+class Cloud(Managed):
     """One `outpost-cloud serve` process; ``start`` again after ``kill`` to restart it.
 
     It listens on every address; ``host`` is the one edges use (and the certificate names).
@@ -105,19 +125,6 @@ class Cloud:
         with trio.fail_after(30):
             await output.wait_for(r"msg=\"hub listening\"")
 
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await self.process.wait()
-            if self.process.returncode is None:
-                await self.kill()
-
     async def token(self, node: str) -> str:
         result = await trio.run_process(
             [
@@ -134,7 +141,7 @@ class Cloud:
         return result.stdout.decode().strip()
 
 
-class Edge:
+class Edge(Managed):
     """One gateway: its data folder, and its `outpost run` process when running."""
 
     def __init__(self, node: str, folder: Path, prefix: Sequence[str] = ()) -> None:
@@ -181,18 +188,6 @@ class Edge:
     async def wait_online(self) -> None:
         with trio.fail_after(30):
             await self.runs[-1].wait_for(r"msg=\"cloud link up\"")
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await self.process.wait()
-            await self.kill()
 
     async def status(self) -> dict:
         result = await trio.run_process(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.channelkit import LogFile, spawn
+from tests.channelkit import LogFile, Managed, spawn
 from tests.hubkit import until
 from tests.podkit import busybox_registry
 from tests.processes import VENV_BIN
@@ -30,7 +30,7 @@ def image() -> Iterator[str]:
         yield ref
 
 
-class Agent:
+class Agent(Managed):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.data_dir = folder / "data"
@@ -56,19 +56,6 @@ class Agent:
         self.runs.append(output)
         with trio.fail_after(30):
             await output.wait_for(r"msg=\"pods adopted\"")
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await self.process.wait()
-            if self.process.returncode is None:
-                await self.kill()
 
     def containers(self) -> dict[str, int]:
         """Running containers: id -> host pid."""
