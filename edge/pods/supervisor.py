@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,6 @@ class Running:
     started_monotonic: float
     exited: process.Exited
     bundle: Path
-    liveness_failed: trio.Event = field(default_factory=trio.Event)
 
 
 class PodSupervisor:
@@ -213,7 +212,7 @@ class PodSupervisor:
             status = self.rt.init[index]
             backoff = CrashLoop(self.s.crash_base_s, self.s.crash_cap_s)
             while True:
-                code = await self._run_once(container, status, init=True)
+                code = await self._run_once(container, status)
                 if code == 0:
                     break
                 if self.rt.restart_policy == "Never":
@@ -228,9 +227,7 @@ class PodSupervisor:
                     self._changed()
                     await trio.sleep(delay)
 
-    async def _run_once(
-        self, container: dict[str, Any], status: ContainerStatus, *, init: bool
-    ) -> int | None:
+    async def _run_once(self, container: dict[str, Any], status: ContainerStatus) -> int | None:
         """Start one container, wait for it to end; its exit code (None if unknown)."""
         running = await self._start(container, status)
         if running is None:
@@ -321,7 +318,6 @@ class PodSupervisor:
                         "why": why,
                     },
                 )
-                running.liveness_failed.set()
                 nursery.start_soon(self._kill, running, signal.SIGKILL)
             self._changed()
 
