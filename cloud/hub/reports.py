@@ -76,6 +76,7 @@ class ReportLog:
                     else:
                         self.last[node] = max(self.last.get(node, 0), record["seq"])
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(path)
         self._file = path.open("ab")
         self._limiter = trio.CapacityLimiter(1)
 
@@ -116,3 +117,13 @@ class ReportLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line a crash left half-written, so the next record starts on its own line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)

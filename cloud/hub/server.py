@@ -38,7 +38,13 @@ from cloud.hub.metrics import HubMetrics
 from cloud.hub.nodes import NodeStream, SourceObject, Watermark
 from cloud.hub.reports import LogOnly, ReportSink
 from cloud.hub.watermarks import WatermarkStore
-from edge.hub.client import CONNECT_PATH, unwrap
+from edge.hub.client import (
+    CONNECT_PATH,
+    NORMAL_CLOSURE,
+    PROTOCOL_ERROR,
+    close_session,
+    unwrap,
+)
 from edge.wire import codec
 from edge.wire.codec import ProtocolError
 from edge.wire.connection import (
@@ -406,7 +412,7 @@ class Hub:
             if self.sessions.get(node) is session:
                 del self.sessions[node]
             if session.cancel_scope.cancelled_caught:
-                await _send_close(ws, conn, session.close_reason)
+                await close_session(ws, conn, NORMAL_CLOSURE, session.close_reason)
             session.done.set()
             log.info("session closed", extra={"node": node, "remote": remote})
 
@@ -525,7 +531,7 @@ class Hub:
                 await ws.send_message(frame)
             if conn.expired(now):
                 log.warning("edge silent, closing", extra={"node": node})
-                await _send_close(ws, conn, "no heartbeat from the edge")
+                await close_session(ws, conn, NORMAL_CLOSURE, "no heartbeat from the edge")
                 return
             with trio.move_on_after(self.settings.heartbeat_s):
                 await stream.wake.wait()
@@ -535,7 +541,7 @@ class Hub:
     ) -> None:
         self.metrics.rejected.labels("protocol").inc()
         log.warning("protocol violation, closing", extra={"node": node, "reason": exc.reason})
-        await _send_close(ws, conn, exc.reason)
+        await close_session(ws, conn, PROTOCOL_ERROR, exc.reason)
 
 
 def _binary(data: bytes | str) -> bytes:
@@ -550,13 +556,3 @@ def _remote(tcp: trio.SocketStream) -> str:
     except OSError:
         return "?"
     return f"{host}:{port}"
-
-
-async def _send_close(ws: WebSocketConnection, conn: Connection, reason: str) -> None:
-    with trio.move_on_after(1) as scope:
-        scope.shield = True
-        try:
-            await ws.send_message(conn.close(reason))
-            await ws.aclose(code=1000, reason=reason[:120])
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass

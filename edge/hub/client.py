@@ -110,6 +110,22 @@ def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
     )
 
 
+NORMAL_CLOSURE = 1000
+PROTOCOL_ERROR = 1002
+
+
+async def close_session(ws: WebSocketConnection, conn: Connection, code: int, reason: str) -> None:
+    """Tell the peer why (a Close frame, then the WebSocket close), within a second, even
+    while being cancelled; a peer already gone is fine."""
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await ws.send_message(conn.close(reason))
+            await ws.aclose(code=code, reason=reason[:120])
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 def unwrap(group: BaseExceptionGroup, *preferred: type[BaseException]) -> BaseException:
     """The one exception that explains why a nursery of session tasks ended.
 
@@ -288,11 +304,11 @@ class EdgeHub:
                 raise unwrap(group, ProtocolError, StoreError, LinkDown) from None
         except ProtocolError as exc:
             log.error("protocol violation, closing", extra={"reason": exc.reason})
-            await self._close(ws, conn, exc.reason)
+            await close_session(ws, conn, PROTOCOL_ERROR, exc.reason)
             raise LinkDown(f"protocol violation: {exc.reason}") from exc
         except StoreError as exc:
             log.error("cannot apply what the cloud sent, closing", extra={"reason": str(exc)})
-            await self._close(ws, conn, f"edge store refused a batch: {exc}")
+            await close_session(ws, conn, PROTOCOL_ERROR, f"edge store refused a batch: {exc}")
             raise LinkDown(f"store refused a batch: {exc}") from exc
 
     async def _open(self, ws: WebSocketConnection) -> Connection:
@@ -322,7 +338,7 @@ class EdgeHub:
         try:
             events = conn.receive(data, trio.current_time())
         except ProtocolError as exc:
-            await self._close(ws, conn, exc.reason)
+            await close_session(ws, conn, PROTOCOL_ERROR, exc.reason)
             raise LinkDown(f"bad handshake from the cloud: {exc.reason}") from exc
         for event in events:
             match event:
@@ -425,12 +441,3 @@ class EdgeHub:
                 await ws.send_message(frame)
         except ConnectionClosed as exc:
             raise LinkDown(f"connection closed: {exc.reason}") from exc
-
-    async def _close(self, ws: WebSocketConnection, conn: Connection, reason: str) -> None:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            try:
-                await ws.send_message(conn.close(reason))
-                await ws.aclose(code=1002, reason=reason[:120])
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
