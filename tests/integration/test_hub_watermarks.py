@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 import trio
 from lightkube import AsyncClient
+from lightkube.config.kubeconfig import KubeConfig
 from lightkube.resources.core_v1 import ConfigMap
 
+from cloud.hub.nodes import NodeStream
 from cloud.hub.server import Hub, HubSettings
 from cloud.hub.source import MemorySource
 from cloud.hub.watermarks import WatermarkStore, shard_name, shard_of
 from edge.hub.client import EdgeHub
 from edge.store import Store
 from edge.store.aio import AsyncStore
+from tests.cluster.controlplane import ControlPlane, free_port
 from tests.hubkit import Pki, until
 
 pytestmark = pytest.mark.cluster
@@ -94,3 +97,34 @@ async def test_watermarks_are_written_in_batches_and_resume_a_restarted_hub(
     assert second.resent == 0
     for store in stores:
         store.close()
+
+
+async def test_watermarks_wait_out_an_unreachable_apiserver_and_are_written_after(
+    control_plane: ControlPlane, kube: AsyncClient, tmp_path: Path
+) -> None:
+    config = json.loads(control_plane.kubeconfig.read_text())
+    real = config["clusters"][0]["cluster"]["server"]
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
+    dead = tmp_path / "dead.kubeconfig"
+    dead.write_text(json.dumps(config))
+    namespace = "outpost-wm-outage"
+    marks = WatermarkStore(AsyncClient(KubeConfig.from_file(dead), trust_env=False), namespace)
+    hub = Hub(
+        HubSettings(host="127.0.0.1", port=0, flush_interval_s=0.2),
+        Pki.create(tmp_path / "pki").server_context(),
+        watermarks=marks,
+    )
+    hub.streams["gw-x"] = NodeStream.fresh("gw-x", capacity=10, window=10, next_seq=42)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await trio.sleep(0.7)  # several failed rounds
+        assert marks.writes == 0
+        # Kubernetes is back: the same marks, kept meanwhile, are written.
+        config["clusters"][0]["cluster"]["server"] = real
+        dead.write_text(json.dumps(config))
+        marks.kube = AsyncClient(KubeConfig.from_file(dead), trust_env=False)
+        await marks.ensure_namespace()
+        await until(lambda: marks.writes >= 1, "the kept watermarks are written")
+        nursery.cancel_scope.cancel()
+    cm = await kube.get(ConfigMap, shard_name(shard_of("gw-x")), namespace=namespace)
+    assert json.loads(cm.data["gw-x"])["next"] == 42
