@@ -270,7 +270,7 @@ def logs_command(
 
 
 def _print_messages(data: bytes) -> None:
-    for entry in pod_logs.messages(iter(data.splitlines(keepends=True))):
+    for entry in pod_logs.messages(data):
         stream = sys.stderr.buffer if entry.stream == "stderr" else sys.stdout.buffer
         stream.write(entry.content + b"\n")
         stream.flush()

@@ -63,11 +63,18 @@ def parse_line(line: bytes) -> Entry | None:
     return Entry(parts[0].decode(), parts[1].decode(), parts[2] == b"P", parts[3])
 
 
-def messages(lines: Iterator[bytes]) -> Iterator[Entry]:
-    """Whole messages: parts joined with the full line that ends them. Parts still open at the
-    end (a line the container never finished) come last, marked partial."""
+def lines_of(data: bytes) -> list[bytes]:
+    """Lines ended by ``\n`` only: a container's ``\r`` is content, not a line break."""
+    lines = data.split(b"\n")
+    last = lines.pop()
+    return [line + b"\n" for line in lines] + ([last] if last else [])
+
+
+def messages(data: bytes) -> Iterator[Entry]:
+    """Whole messages in a log's bytes: parts joined with the full line that ends them. Parts
+    still open at the end (a line the container never finished) come last, marked partial."""
     parts: dict[str, Entry] = {}
-    for line in lines:
+    for line in lines_of(data):
         entry = parse_line(line)
         if entry is None:
             continue
@@ -97,7 +104,7 @@ class LogFile:
         """Append whole CRI lines, rotating between lines so that no file passes the limit
         (unless one line alone does)."""
         chunk = bytearray()
-        for line in data.splitlines(keepends=True):
+        for line in lines_of(data):
             if self._size + len(chunk) + len(line) > self.max_bytes and self._size + len(chunk):
                 self._flush(chunk)
                 chunk.clear()

@@ -54,8 +54,7 @@ def read_log(world: PodWorld, manifest: dict, container: str, attempt: int = 0) 
     path = world.runtime.log_path(manifest, container, attempt)
     if not path.exists():
         return ""
-    lines = path.read_bytes().splitlines(keepends=True)
-    return "\n".join(m.content.decode() for m in logs.messages(iter(lines)))
+    return "\n".join(m.content.decode() for m in logs.messages(path.read_bytes()))
 
 
 async def test_env_configmap_and_secret_volumes_are_visible_inside(
@@ -353,11 +352,7 @@ async def test_logs_rotate_by_size_and_read_back_whole(
         nursery.cancel_scope.cancel()
     assert [f.name for f in files] == ["0.log.2", "0.log.1", "0.log"]
     assert all(f.stat().st_size <= 4096 for f in files)
-    kept = [
-        m.content.decode()
-        for f in files
-        for m in logs.messages(iter(f.read_bytes().splitlines(keepends=True)))
-    ]
+    kept = [m.content.decode() for f in files for m in logs.messages(f.read_bytes())]
     # The newest lines are kept, in order, whole; the oldest rotated away.
     assert kept[-1] == "line 399"
     numbers = [int(line.split()[1]) for line in kept]

@@ -26,9 +26,9 @@ def test_full_lines_are_tagged_f_and_the_unfinished_rest_is_kept() -> None:
 
 def test_a_line_longer_than_the_limit_is_written_in_parts() -> None:
     out, pending = format_lines("stderr", b"x" * (MAX_LINE * 2 + 5) + b"\n", b"", WHEN)
-    lines = out.splitlines(keepends=True)
+    lines = logs.lines_of(out)
     assert [parse_line(line).partial for line in lines] == [True, True, False]
-    [message] = list(messages(iter(lines)))
+    [message] = list(messages(out))
     assert message.content == b"x" * (MAX_LINE * 2 + 5)
     assert message.stream == "stderr"
     assert pending == b""
@@ -41,7 +41,7 @@ def test_whatever_is_written_reads_back_the_same(chunks: list[bytes]) -> None:
     for chunk in chunks:
         lines, pending = format_lines("stdout", chunk, pending, WHEN)
         out += lines
-    read = b"\n".join(m.content for m in messages(iter(out.splitlines(keepends=True))))
+    read = b"\n".join(m.content for m in messages(out))
     complete = data[: len(data) - len(pending)]
     assert read + (b"\n" if complete else b"") == complete
 
@@ -71,5 +71,10 @@ async def test_pump_copies_a_pipe_until_it_closes(tmp_path: Path) -> None:
         os.write(write, b"hello\nworld\nno newline")
         os.close(write)
     log.close()
-    found = list(messages(iter((tmp_path / "0.log").read_bytes().splitlines(keepends=True))))
+    found = list(messages((tmp_path / "0.log").read_bytes()))
     assert [m.content for m in found] == [b"hello", b"world", b"no newline"]
+
+
+def test_a_carriage_return_is_content_not_a_line_break() -> None:
+    out, _ = format_lines("stdout", b"progress 10%\rprogress 20%\n", b"", WHEN)
+    assert [m.content for m in messages(out)] == [b"progress 10%\rprogress 20%"]
