@@ -109,7 +109,14 @@ class Runc:
     async def list(self) -> list[State]:
         if not self.root.exists():
             return []
-        out = await self._run("list", "*", "list", "--format", "json")
+        for attempt in range(3):
+            try:
+                out = await self._run("list", "*", "list", "--format", "json")
+                break
+            except RuncError as exc:
+                # runc fails the whole list when a container is deleted while it reads.
+                if "no such file or directory" not in exc.detail or attempt == 2:
+                    raise
         return [State.from_json(item) for item in json.loads(out or b"null") or []]
 
     async def kill(self, container: str, sig: signal.Signals = signal.SIGTERM) -> None:

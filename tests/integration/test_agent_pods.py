@@ -59,11 +59,16 @@ class Agent(Managed):
 
     def containers(self) -> dict[str, int]:
         """Running containers: id -> host pid."""
-        result = subprocess.run(
-            ["runc", "--root", str(self.runc_root), "list", "--format", "json"],
-            capture_output=True,
-            check=True,
-        )
+        # runc fails the whole list when a container is deleted while it reads: try again.
+        for _ in range(5):
+            result = subprocess.run(
+                ["runc", "--root", str(self.runc_root), "list", "--format", "json"],
+                capture_output=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                break
+        result.check_returncode()
         return {
             c["id"]: c["pid"]
             for c in json.loads(result.stdout or b"null") or []
