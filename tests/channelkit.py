@@ -85,16 +85,24 @@ class Cloud(Managed):
     """One `outpost-cloud serve` process; ``start`` again after ``kill`` to restart it.
 
     It listens on every address; ``host`` is the one edges use (and the certificate names).
+    ``extra_args`` go on the end of `serve`'s command line (more --tls-san, timers).
     """
 
     def __init__(
-        self, plane: ControlPlane, folder: Path, *, host: str = "127.0.0.1", heartbeat: float = 1
+        self,
+        plane: ControlPlane,
+        folder: Path,
+        *,
+        host: str = "127.0.0.1",
+        heartbeat: float = 1,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.plane = plane
         self.folder = folder
         self.host = host
         self.port = free_port()
         self.heartbeat = heartbeat
+        self.extra_args = list(extra_args)
         self.report_log = folder / "reports.jsonl"
         self.process: trio.Process | None = None
         self.runs: list[LogFile] = []
@@ -120,6 +128,7 @@ class Cloud(Managed):
             str(self.heartbeat),
             "--report-log",
             self.report_log,
+            *self.extra_args,
         )
         self.runs.append(output)
         with trio.fail_after(30):
@@ -142,12 +151,18 @@ class Cloud(Managed):
 
 
 class Edge(Managed):
-    """One gateway: its data folder, and its `outpost run` process when running."""
+    """One gateway: its data folder, and its `outpost run` process when running.
 
-    def __init__(self, node: str, folder: Path, prefix: Sequence[str] = ()) -> None:
+    ``run_args`` go on the end of `outpost run`'s command line (--runc-root, --pod-subnet).
+    """
+
+    def __init__(
+        self, node: str, folder: Path, prefix: Sequence[str] = (), run_args: Sequence[str] = ()
+    ) -> None:
         self.node = node
         self.data_dir = folder / node
         self.prefix = list(prefix)
+        self.run_args = [str(a) for a in run_args]
         self.process: trio.Process | None = None
         self.runs: list[LogFile] = []
 
@@ -182,6 +197,7 @@ class Edge(Managed):
             "--data-dir",
             self.data_dir,
             *args,
+            *self.run_args,
         )
         self.runs.append(output)
 
