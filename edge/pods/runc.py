@@ -100,6 +100,17 @@ class Runc:
             raise RuncError("create", container, _read_runc_log(bundle))
         return int(await trio.Path(pid_file).read_text())
 
+    async def version(self) -> str:
+        """runc's ``--version`` output (parse it with ``edge.node_info.parse_runc_version``);
+        empty when runc cannot be run."""
+        try:
+            result = await trio.run_process(
+                [self.binary, "--version"], capture_stdout=True, capture_stderr=True, check=False
+            )
+        except OSError:
+            return ""
+        return result.stdout.decode(errors="replace") if result.returncode == 0 else ""
+
     async def start(self, container: str) -> None:
         await self._run("start", container, "start", container)
 
