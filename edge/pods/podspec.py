@@ -212,6 +212,9 @@ class Resolver:
     host_ips: Sequence[str] = ()
     pod_ips: Sequence[str] = ()
     node_allocatable: Mapping[str, str] = field(default_factory=dict)
+    # The pod's ServiceAccountToken object (its ``tokens`` list), as the cloud sends it;
+    # ``None`` in standalone mode, where no cloud mints tokens.
+    tokens: Mapping[str, Any] | None = None
 
     def configmap(self, name: str, *, binary: bool = True) -> dict[str, bytes] | None:
         """The ConfigMap's keys and values, or ``None`` if the node does not have it.
@@ -240,6 +243,58 @@ class Resolver:
         for key, text in (obj.get("stringData") or {}).items():
             values[key] = str(text).encode()
         return values
+
+    def token(self, pod_uid: str, audience: str, expiration_s: int) -> bytes | None:
+        """The service-account token the cloud minted for this pod (``pod_uid``: a token of a
+        deleted pod of the same name must not be handed to its successor), this audience and
+        lifetime; ``None`` until it arrives."""
+        if self.tokens is None or (self.tokens.get("metadata") or {}).get("uid") != pod_uid:
+            return None
+        for entry in self.tokens.get("tokens") or ():
+            if (entry.get("audience") or "") == audience and entry.get(
+                "expirationSeconds", DEFAULT_TOKEN_EXPIRATION_S
+            ) == expiration_s:
+                return str(entry.get("token", "")).encode()
+        return None
+
+
+DEFAULT_TOKEN_EXPIRATION_S = 3600
+
+
+def referenced_objects(pod: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The ``(kind, name)`` of every object in its namespace the pod uses: ConfigMaps and
+    Secrets of its volumes, environment and image pull secrets, and its ServiceAccountToken
+    object (named after the pod) when a projected volume asks for a token. A change to one of
+    them may let a waiting container start, or change a volume's files."""
+    spec = pod.get("spec") or {}
+    found: set[tuple[str, str]] = set()
+    for volume in spec.get("volumes") or ():
+        if volume.get("configMap") is not None:
+            found.add(("ConfigMap", volume["configMap"].get("name") or ""))
+        if volume.get("secret") is not None:
+            found.add(("Secret", volume["secret"].get("secretName") or ""))
+        for source in (volume.get("projected") or {}).get("sources") or ():
+            if source.get("configMap") is not None:
+                found.add(("ConfigMap", source["configMap"].get("name") or ""))
+            if source.get("secret") is not None:
+                found.add(("Secret", source["secret"].get("name") or ""))
+            if source.get("serviceAccountToken") is not None:
+                found.add(("ServiceAccountToken", (pod.get("metadata") or {}).get("name") or ""))
+    for container in all_containers(pod):
+        for source in container.get("envFrom") or ():
+            if source.get("configMapRef") is not None:
+                found.add(("ConfigMap", source["configMapRef"].get("name") or ""))
+            if source.get("secretRef") is not None:
+                found.add(("Secret", source["secretRef"].get("name") or ""))
+        for env in container.get("env") or ():
+            value_from = env.get("valueFrom") or {}
+            if value_from.get("configMapKeyRef") is not None:
+                found.add(("ConfigMap", value_from["configMapKeyRef"].get("name") or ""))
+            if value_from.get("secretKeyRef") is not None:
+                found.add(("Secret", value_from["secretKeyRef"].get("name") or ""))
+    for secret in spec.get("imagePullSecrets") or ():
+        found.add(("Secret", secret.get("name") or ""))
+    return found
 
 
 def _b64decode(value: Any, what: str) -> bytes:
@@ -1319,8 +1374,8 @@ def pod_warnings(pod: Mapping[str, Any]) -> list[str]:
         for number, source in enumerate((volume.get("projected") or {}).get("sources") or ()):
             if source.get("serviceAccountToken") is not None:
                 warnings.append(
-                    f"{path}.projected.sources[{number}].serviceAccountToken: skipped, Outpost"
-                    " does not mint service account tokens on the edge"
+                    f"{path}.projected.sources[{number}].serviceAccountToken: skipped when"
+                    " standalone, where no cloud mints service account tokens"
                 )
     contexts: list[tuple[str, Mapping[str, Any]]] = [
         ("spec.securityContext", spec.get("securityContext") or {})

@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edge.pods.podspec import (
+    DEFAULT_TOKEN_EXPIRATION_S,
     ContainerConfigError,
     PodHostname,
     Resolver,
@@ -215,8 +216,10 @@ def volume_files(pod: Mapping[str, Any], resolver: Resolver) -> dict[str, list[F
     Follows the kubelet: without ``items`` every key becomes a file named after it; with
     ``items`` only those keys, at their ``path``; ``mode`` beats ``defaultMode`` beats 0644.
     A missing object or key fails the volume unless ``optional`` (an optional volume whose
-    object is missing is empty). ``serviceAccountToken`` projections are skipped (see
-    ``pod_warnings``). Raises ``VolumeError`` naming the volume.
+    object is missing is empty). A ``serviceAccountToken`` projection is the token the cloud
+    minted for the pod, and fails the volume until it has arrived; standalone (the resolver has
+    no tokens at all) it is skipped, see ``pod_warnings``. Raises ``VolumeError`` naming the
+    volume.
     """
     plans: dict[str, list[FileEntry]] = {}
     for volume in (pod.get("spec") or {}).get("volumes") or ():
@@ -277,8 +280,26 @@ def _source_files(
                 raise VolumeError(f"{kind_name} {object_name!r} has no key {key!r}")
             entries.append(FileEntry(item["path"], values[key], item.get("mode", default_mode)))
         return entries
-    # serviceAccountToken and anything else validation let through: no files.
-    return []
+    if kind == "serviceAccountToken":
+        return _token_file(pod, body, default_mode, resolver)
+    return []  # nothing else gets past validation
+
+
+def _token_file(
+    pod: Mapping[str, Any], body: Mapping[str, Any], default_mode: int, resolver: Resolver
+) -> list[FileEntry]:
+    if resolver.tokens is None:
+        return []
+    meta = pod.get("metadata") or {}
+    audience = body.get("audience") or ""
+    expiration = body.get("expirationSeconds") or DEFAULT_TOKEN_EXPIRATION_S
+    token = resolver.token(meta.get("uid", ""), audience, expiration)
+    if token is None:
+        raise VolumeError(
+            f"the service account token (audience {audience or 'the API server'},"
+            f" {expiration} s) has not arrived from the cloud yet"
+        )
+    return [FileEntry(body.get("path") or "token", token, default_mode)]
 
 
 def _downward_file(

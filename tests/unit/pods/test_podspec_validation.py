@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.pods.podspec import pod_hostname, pod_warnings, validate_pod
+from edge.pods.podspec import pod_hostname, pod_warnings, referenced_objects, validate_pod
 
 
 def make_pod(**spec: Any) -> dict[str, Any]:
@@ -396,8 +396,8 @@ def test_warnings_for_what_is_accepted_but_not_done() -> None:
     web(pod)["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
     pod["spec"]["volumes"].append({"name": "disk", "emptyDir": {"sizeLimit": "1Gi"}})
     assert pod_warnings(pod) == [
-        "spec.volumes[4].projected.sources[1].serviceAccountToken: skipped, Outpost does not"
-        " mint service account tokens on the edge",
+        "spec.volumes[4].projected.sources[1].serviceAccountToken: skipped when standalone,"
+        " where no cloud mints service account tokens",
         "spec.volumes[5].emptyDir.sizeLimit: not enforced for a disk-backed emptyDir",
         "spec.containers[0].securityContext.seccompProfile: RuntimeDefault is not applied; the"
         " container runs without a seccomp filter",
@@ -459,3 +459,46 @@ def test_never_crashes_when_any_field_holds_anything(path: tuple[Any, ...], valu
 def test_absurdly_large_quantities_are_refused() -> None:
     pod = make_pod(containers=[container(resources={"limits": {"memory": "1e30"}})])
     assert validate_pod(pod) == ['spec.containers[0].resources.limits.memory: "1e30" is too large']
+
+
+def test_referenced_objects_are_everything_the_pod_uses_in_its_namespace() -> None:
+    pod = make_pod(
+        containers=[
+            container(
+                envFrom=[{"configMapRef": {"name": "env-cm"}}, {"secretRef": {"name": "env-s"}}],
+                env=[
+                    {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "a", "key": "k"}}},
+                    {"name": "B", "valueFrom": {"secretKeyRef": {"name": "b", "key": "k"}}},
+                    {"name": "C", "value": "plain"},
+                ],
+            )
+        ],
+        volumes=[
+            {"name": "cfg", "configMap": {"name": "vol-cm"}},
+            {"name": "sec", "secret": {"secretName": "vol-s"}},
+            {"name": "tmp", "emptyDir": {}},
+            {
+                "name": "api",
+                "projected": {
+                    "sources": [
+                        {"serviceAccountToken": {"path": "token"}},
+                        {"configMap": {"name": "kube-root-ca.crt"}},
+                        {"secret": {"name": "proj-s"}},
+                    ]
+                },
+            },
+        ],
+    )
+    pod["spec"]["imagePullSecrets"] = [{"name": "pull"}]
+    assert referenced_objects(pod) == {
+        ("ConfigMap", "env-cm"),
+        ("ConfigMap", "a"),
+        ("ConfigMap", "vol-cm"),
+        ("ConfigMap", "kube-root-ca.crt"),
+        ("Secret", "env-s"),
+        ("Secret", "b"),
+        ("Secret", "vol-s"),
+        ("Secret", "proj-s"),
+        ("Secret", "pull"),
+        ("ServiceAccountToken", pod["metadata"]["name"]),
+    }

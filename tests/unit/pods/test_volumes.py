@@ -190,6 +190,54 @@ def test_projected_sources_combine_and_tokens_are_skipped() -> None:
     ]
 
 
+TOKEN_VOLUME = {
+    "name": "kube-api-access",
+    "projected": {
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"serviceAccountToken": {"path": "vault", "audience": "vault"}},
+        ]
+    },
+}
+
+
+def tokens(uid: str = "u-1") -> dict[str, Any]:
+    """The ServiceAccountToken object the cloud sends for the pod ``meter``."""
+    return {
+        "metadata": {"name": "meter", "namespace": "plant", "uid": uid},
+        "tokens": [
+            {"audience": "", "expirationSeconds": 3607, "token": "jwt-api"},
+            {"audience": "vault", "expirationSeconds": 3600, "token": "jwt-vault"},
+            {"audience": "vault", "expirationSeconds": 600, "token": "jwt-short"},
+        ],
+    }
+
+
+def test_service_account_tokens_come_from_the_pods_token_object() -> None:
+    plan = volume_files(make_pod([TOKEN_VOLUME]), Resolver(tokens=tokens()))
+    assert plan["kube-api-access"] == [
+        FileEntry("token", b"jwt-api", 0o644),
+        FileEntry("vault", b"jwt-vault", 0o644),  # expirationSeconds defaults to 3600
+    ]
+
+
+@pytest.mark.parametrize(
+    "resolver",
+    [
+        Resolver(tokens={}),  # not arrived yet
+        Resolver(tokens=tokens(uid="u-of-an-earlier-pod-of-that-name")),
+        Resolver(tokens={**tokens(), "tokens": tokens()["tokens"][1:]}),  # not this audience
+    ],
+)
+def test_a_token_not_there_yet_fails_the_volume_until_it_arrives(resolver: Resolver) -> None:
+    with pytest.raises(VolumeError, match="has not arrived from the cloud yet"):
+        volume_files(make_pod([TOKEN_VOLUME]), resolver)
+
+
+def test_standalone_pods_run_without_their_token_files() -> None:
+    assert volume_files(make_pod([TOKEN_VOLUME]), Resolver())["kube-api-access"] == []
+
+
 def test_a_key_that_would_leave_the_volume_is_refused() -> None:
     resolver = Resolver(configmaps={"evil": {"data": {"..data": "x"}}})
     with pytest.raises(VolumeError, match="would leave the volume"):
