@@ -313,6 +313,15 @@ class EdgeCluster:
         args = ["pods", "-n", namespace, *(["-l", selector] if selector else [])]
         return (await self.get(*args))["items"]
 
+    async def node_ready(self, name: str, within: float = 30) -> dict[str, Any]:
+        """Wait until the apiserver says node ``name`` is Ready; returns the Node."""
+
+        async def check() -> dict[str, Any] | None:
+            node = await self.get("node", name, "--ignore-not-found")
+            return node if node and node_condition(node) == "True" else None
+
+        return await self.until(check, f"node {name} is Ready", within)
+
     # -- waiting and diagnostics ---------------------------------------------------------
 
     async def until(

@@ -55,21 +55,13 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-async def node_ready(cluster: EdgeCluster, name: str, within: float = 30) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        node = await cluster.get("node", name, "--ignore-not-found")
-        return node if node and node_condition(node) == "True" else None
-
-    return await cluster.until(check, f"node {name} is Ready", within)
-
-
 @asynccontextmanager
 async def one_gateway(
     plane: ControlPlane, folder: Path, name: str
 ) -> AsyncIterator[tuple[EdgeCluster, EdgeNode]]:
     """The cloud and one joined gateway, once Kubernetes says its node is Ready."""
     async with EdgeCluster(plane, folder, [name]) as cluster:
-        await node_ready(cluster, name)
+        await cluster.node_ready(name)
         yield cluster, cluster[name]
 
 
@@ -101,7 +93,7 @@ async def test_a_joined_edge_is_a_ready_node_with_labels_capacity_and_a_renewed_
 ) -> None:
     with trio.fail_after(120):
         async with EdgeCluster(control_plane, tmp_path, ["reg-gw"]) as cluster:
-            node = await node_ready(cluster, "reg-gw")
+            node = await cluster.node_ready("reg-gw")
             labels = node["metadata"]["labels"]
             assert EDGE_ROLE_LABEL in labels
             assert labels["kubernetes.io/arch"] == "amd64"
@@ -365,7 +357,7 @@ async def test_an_edge_cut_off_past_the_eviction_timeout_keeps_its_pods_running(
 
             edge.restore()
             # The agent reconnects with full-jitter backoff, capped at 60 s.
-            await node_ready(cluster, "off-gw", within=90)
+            await cluster.node_ready("off-gw", within=90)
             pods = await running_pods(cluster, namespace, "app", 2, within=60)
             assert container_ids(pods) == before
             assert {cid: c["pid"] for cid, c in (await edge.containers()).items()} == pids
