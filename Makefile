@@ -29,7 +29,7 @@ endef
 
 help:
 	@echo "make setup      install Debian packages, create .venv, build the test control plane"
-	@echo "make demo       set up, then start the control plane and outpost-cloud, and show them"
+	@echo "make demo       set up, then run a control plane, outpost-cloud and an edge node with pods"
 	@echo "make test       set up, lint, then run every test (what CI runs)"
 	@echo "make test-unit  the fast tier: unit tests only, no control plane"
 	@echo "make cluster    run a control plane for kubectl until Ctrl-C"
@@ -61,8 +61,9 @@ controlplane: $(VENV)/.installed
 	@command -v go >/dev/null || { echo "the Go toolchain (1.26 or newer) is needed on PATH"; exit 1; }
 	$(BIN)/python -m tests.cluster build
 
+# The edge node lives in a network namespace and runs its pods on runc: that takes root.
 demo: setup
-	$(BIN)/python -m tests.demo
+	$(SUDO) $(BIN)/python -m tests.demo
 
 cluster: setup
 	$(BIN)/python -m tests.cluster up --kubeconfig-out .demo/admin.kubeconfig
