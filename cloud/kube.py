@@ -59,3 +59,36 @@ async def probe(kube: AsyncClient, config: KubeConfig) -> ClusterInfo:
             f" {exc.status.reason}): {exc.status.message}"
         ) from exc
     return ClusterInfo(server=server, nodes=len(nodes))
+
+
+async def delete_if(
+    kube: AsyncClient,
+    resource: type,
+    name: str,
+    *,
+    namespace: str | None = None,
+    uid: str,
+    resource_version: str | None = None,
+    grace_period: int | None = None,
+) -> None:
+    """Delete the object only if it is still the one meant (same uid, and same
+    resourceVersion when given); else ApiError 409, or 404 if it is gone.
+
+    lightkube's ``delete`` sends no body, and preconditions travel only in the body, so the
+    request is built through lightkube's own request machinery with the body added.
+    """
+    generic = kube._client
+    request = generic.prepare_request("delete", resource, name=name, namespace=namespace)
+    preconditions = {"uid": uid}
+    if resource_version is not None:
+        preconditions["resourceVersion"] = resource_version
+    options: dict[str, object] = {
+        "apiVersion": "v1",
+        "kind": "DeleteOptions",
+        "preconditions": preconditions,
+    }
+    if grace_period is not None:
+        options["gracePeriodSeconds"] = grace_period
+    request.data = options
+    response = await generic.send(generic.build_adapter_request(request))
+    generic.handle_response("delete", response, request)

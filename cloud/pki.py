@@ -43,6 +43,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Secret
 
+from cloud.kube import delete_if
 from edge.identity import MAX_NODE_NAME, IdentityError, Token, ca_hash, parse_token
 
 log = logging.getLogger(__name__)
@@ -403,26 +404,16 @@ def _token_record(secret: Secret) -> _TokenRecord | None:
 
 
 async def _delete_unchanged(kube: AsyncClient, secret: Secret) -> None:
-    """Delete ``secret`` only if it is still the very object that was read (same uid and
-    resourceVersion); else ApiError 409, or 404 if it is gone.
-
-    lightkube's ``delete`` sends no body, and preconditions travel only in the body, so the
-    request is built through lightkube's own request machinery with the body added.
-    """
-    generic = kube._client
-    request = generic.prepare_request(
-        "delete", Secret, name=secret.metadata.name, namespace=secret.metadata.namespace
+    """Delete ``secret`` only if it is still the very object that was read."""
+    meta = secret.metadata
+    await delete_if(
+        kube,
+        Secret,
+        meta.name,
+        namespace=meta.namespace,
+        uid=meta.uid,
+        resource_version=meta.resourceVersion,
     )
-    request.data = {
-        "apiVersion": "v1",
-        "kind": "DeleteOptions",
-        "preconditions": {
-            "uid": secret.metadata.uid,
-            "resourceVersion": secret.metadata.resourceVersion,
-        },
-    }
-    response = await generic.send(generic.build_adapter_request(request))
-    generic.handle_response("delete", response, request)
 
 
 async def _delete_expired(kube: AsyncClient, secret: Secret) -> None:

@@ -6,8 +6,8 @@ persisted watermark may lag what was acknowledged). Together that is exactly-onc
 
 ``ReportLog`` is the sink for audit and tests: one JSON line per report in a file, written and
 fsynced before the acknowledgement. On start it reads the file back to learn each node's last
-logged sequence number, which is what makes repeats harmless. The edge controller's sinks
-(pod status, events, device twins) replace it as they are built.
+logged sequence number, which is what makes repeats harmless. The edge controller's sink
+(``cloud.edge.reports``) writes to Kubernetes; ``Fanout`` runs it and the log together.
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ class LogOnly:
                 "report",
                 extra={"node": node, "seq": message.seq, "op": str(message.op), "key": message.key},
             )
+
+
+class Fanout:
+    """Several sinks, each applying every report in turn (Kubernetes, then the audit log)."""
+
+    def __init__(self, *sinks: ReportSink) -> None:
+        self.sinks = sinks
+
+    async def apply(self, node: str, messages: Sequence[Message]) -> None:
+        for sink in self.sinks:
+            await sink.apply(node, messages)
+
+    async def restart(self, node: str, epoch: str) -> None:
+        for sink in self.sinks:
+            await sink.restart(node, epoch)
 
 
 def _jsonable(value: Any) -> Any:
