@@ -50,9 +50,14 @@ class PodWorld:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     objects: dict[tuple[str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Every report in order, and every event: (key, body).
+    history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     crash_base_s: float = 10.0
     log_max_bytes: int = 10 * 1024 * 1024
+    volume_resync_s: float = 60.0
+    cloud_tokens: bool = True
 
     def services(self, subnet: str = "10.215.0.0/24") -> Services:
         # Few, quick retries: a test about an unreachable registry must not wait for long.
@@ -69,7 +74,14 @@ class PodWorld:
         async def objects(kind: str, namespace: str) -> dict[str, dict[str, Any]]:
             return self.objects.get((kind, namespace), {})
 
-        runtime = ContainerRuntime(self.data_dir, self.images, network, objects, "test-node")
+        runtime = ContainerRuntime(
+            self.data_dir,
+            self.images,
+            network,
+            objects,
+            "test-node",
+            cloud_tokens=self.cloud_tokens,
+        )
 
         async def save(key: str, value: Any) -> None:
             if value is None:
@@ -82,6 +94,10 @@ class PodWorld:
 
         async def report(key: str, body: dict[str, Any]) -> None:
             self.reports[key] = body
+            self.history.append((key, body))
+
+        async def event(key: str, body: dict[str, Any]) -> None:
+            self.events.append((key, body))
 
         self.runtime = runtime
         return Services(
@@ -91,7 +107,9 @@ class PodWorld:
             save_state=save,
             load_state=load,
             report=report,
+            event=event,
             crash_base_s=self.crash_base_s,
+            volume_resync_s=self.volume_resync_s,
             log_max_bytes=self.log_max_bytes,
         )
 
@@ -107,6 +125,16 @@ class PodWorld:
 
     def status(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return self.reports.get(pod_key(manifest), {}).get("status", {})
+
+    def reasons(self, manifest: dict[str, Any], container: str | None = None) -> list[str]:
+        """The reasons of the pod's events, in order; only one container's when named."""
+        uid = manifest["metadata"]["uid"]
+        return [
+            body["reason"]
+            for _, body in self.events
+            if body["uid"] == uid
+            and (container is None or body["fieldPath"].endswith(f"{{{container}}}"))
+        ]
 
     def container(self, manifest: dict[str, Any], name: str) -> dict[str, Any]:
         for c in self.status(manifest).get("containerStatuses", []):

@@ -128,13 +128,17 @@ async def probe_forever(
     target: Target,
     ports: dict[str, int],
     on_change: Callable[[ProbeState, str], None],
+    on_failure: Callable[[ProbeState, str], None] | None = None,
 ) -> None:
-    """Probe on the spec's period until cancelled; ``on_change`` hears each flip."""
+    """Probe on the spec's period until cancelled; ``on_change`` hears each flip, and
+    ``on_failure`` each failed check (before the flip it may cause)."""
     await trio.sleep(state.spec.initial_delay_s)
     while True:
         ok, why = await run_probe(state.spec, target, ports)
         if not ok:
             log.debug("probe failed", extra={"probe": state.spec.kind, "why": why})
+            if on_failure is not None:
+                on_failure(state, why)
         if state.record(ok):
             on_change(state, why)
         await trio.sleep(state.spec.period_s)

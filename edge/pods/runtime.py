@@ -62,6 +62,12 @@ class Prepared:
 
 # (kind, namespace) -> {name: object}
 Objects = Callable[[str, str], Awaitable[dict[str, dict[str, Any]]]]
+# (reason, message): what the supervisor turns into the container's Normal events.
+Notify = Callable[[str, str], Awaitable[None]]
+
+
+async def _no_notify(reason: str, message: str) -> None:
+    pass
 
 
 class ContainerRuntime:
@@ -72,12 +78,17 @@ class ContainerRuntime:
         network: PodNetwork,
         objects: Objects,
         node_name: str,
+        *,
+        cloud_tokens: bool = True,
     ) -> None:
+        """``cloud_tokens`` says a cloud sends ServiceAccountToken objects: a token volume then
+        waits for its token. Standalone, nothing mints tokens and those files are left out."""
         self.data_dir = data_dir
         self.images = images
         self.network = network
         self.objects = objects
         self.node_name = node_name
+        self.cloud_tokens = cloud_tokens
         self._oom_floor = int(Path("/proc/self/oom_score_adj").read_text())
 
     def layout(self, pod: dict[str, Any]) -> volumes.PodLayout:
@@ -111,8 +122,10 @@ class ContainerRuntime:
             found = await self.network.setup(uid, ports)
         return PodSandbox(str(found.ip), str(host.ip), found.netns_path)
 
-    async def teardown(self, pod: dict[str, Any], sandbox: PodSandbox | None) -> None:
-        if sandbox is not None and sandbox.netns_path is not None:
+    async def teardown(self, pod: dict[str, Any]) -> None:
+        """Remove the pod's network, directory and cgroups; its containers are gone. Also for
+        a pod whose sandbox this agent never saw (left by an agent that crashed)."""
+        if not pod["spec"].get("hostNetwork"):
             await self.network.teardown(pod["metadata"]["uid"])
         layout = self.layout(pod)
         await trio.to_thread.run_sync(volumes.release_pod_dir, layout)
@@ -122,20 +135,46 @@ class ContainerRuntime:
 
     async def _resolver(self, pod: dict[str, Any], sandbox: PodSandbox) -> Resolver:
         namespace = pod["metadata"].get("namespace", "default")
+        tokens = None
+        if self.cloud_tokens:
+            found = await self.objects("ServiceAccountToken", namespace)
+            tokens = found.get(pod["metadata"]["name"], {})
         return Resolver(
             configmaps=await self.objects("ConfigMap", namespace),
             secrets=await self.objects("Secret", namespace),
             node_name=self.node_name,
             host_ips=[sandbox.host_ip],
             pod_ips=[sandbox.ip],
+            tokens=tokens,
         )
 
-    async def _image(self, pod: dict[str, Any], container: dict[str, Any], status: ContainerStatus):
+    async def refresh_volumes(self, pod: dict[str, Any], sandbox: PodSandbox) -> None:
+        """Rewrite the pod's ConfigMap, Secret, downward API and projected volumes from what
+        the store holds now. Each volume switches to its new files at once (``write_plan``);
+        one that cannot be made now (its ConfigMap deleted, say) raises ``VolumeError`` and
+        keeps its old files, as the kubelet does. Call it once the pod's containers started."""
+        resolver = await self._resolver(pod, sandbox)
+        layout = self.layout(pod)
+        try:
+            plans = volumes.volume_files(pod, resolver)
+        except ContainerConfigError as exc:
+            raise volumes.VolumeError(str(exc)) from exc
+        for volume, plan in plans.items():
+            await trio.to_thread.run_sync(volumes.write_plan, plan, layout.volume(volume))
+
+    async def _image(
+        self,
+        pod: dict[str, Any],
+        container: dict[str, Any],
+        status: ContainerStatus,
+        notify: Notify,
+    ):
         ref = container["image"]
         image = await trio.to_thread.run_sync(self.images.get, ref)
         try:
             policy = pull_policy(ref, container.get("imagePullPolicy"))
             if not should_pull(policy, image is not None, ref):
+                await notify("Pulled", f'Container image "{ref}" already present on machine')
                 return image
         except ImageNeverPullError as exc:
             raise PrepareError("ErrImageNeverPull", str(exc)) from exc
@@ -149,8 +188,10 @@ class ContainerRuntime:
             if s.get("name") in secrets
         ]
         status.waiting("ContainerCreating", f"pulling image {ref}")
+        await notify("Pulling", f'Pulling image "{ref}"')
+        began = trio.current_time()
         try:
-            return await self.images.pull(ref, credentials=credentials_for(ref, pull_secrets))
+            pulled = await self.images.pull(ref, credentials=credentials_for(ref, pull_secrets))
         except RegistryUnavailableError as exc:
             if image is not None:
                 # Always-pull with the registry away: run what we have (offline first).
@@ -159,6 +200,9 @@ class ContainerRuntime:
             raise PrepareError("ImagePullBackOff", str(exc)) from exc
         except ImageError as exc:
             raise PrepareError("ErrImagePull", str(exc)) from exc
+        took = trio.current_time() - began
+        await notify("Pulled", f'Successfully pulled image "{ref}" in {took:.3f}s')
+        return pulled
 
     async def prepare(
         self,
@@ -167,8 +211,11 @@ class ContainerRuntime:
         sandbox: PodSandbox,
         attempt: int,
         status: ContainerStatus,
+        notify: Notify = _no_notify,
     ) -> Prepared:
-        image = await self._image(pod, container, status)
+        """Everything a container needs before ``runc create``; raises ``PrepareError``.
+        ``notify`` hears the image's Pulling and Pulled events."""
+        image = await self._image(pod, container, status, notify)
         layout = self.layout(pod)
         resolver = await self._resolver(pod, sandbox)
         name = container["name"]

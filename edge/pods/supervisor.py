@@ -5,6 +5,12 @@ restart.
 A ``PodSupervisor`` is a trio task. Cancelling it (the agent stops or restarts) leaves every
 container running: only ``stop`` (the pod was deleted) stops them. What it must find again
 after a restart is kept in the store's local state under ``pod/<uid>``.
+
+Besides status reports it emits the kubelet's events (Pulling, Pulled, Created, Started,
+Killing, BackOff, Unhealthy, Failed) through ``Services.event``. They go through a small
+bounded queue so that a slow outbox never holds up a container; when it is full (an event
+storm) further events are dropped and logged. A crash loop repeats its BackOff event at
+each restart, as the kubelet does: the cloud aggregates repeats.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from edge.pods import logs, process
+from edge.pods.podspec import ContainerConfigError
 from edge.pods.probes import ProbeSpec, ProbeState, Target, probe_forever
 from edge.pods.runc import ContainerNotFound, Runc, RuncError
 from edge.pods.status import (
@@ -35,12 +42,17 @@ from edge.pods.status import (
     pod_status,
     should_restart,
 )
+from edge.pods.volumes import VolumeError
 
 log = logging.getLogger("edge.pods")
 
 ANNOTATION_POD = "io.outpost.pod-uid"
 ANNOTATION_CONTAINER = "io.outpost.container"
 DEFAULT_GRACE_S = 30
+EVENT_QUEUE = 64
+# Waiting reasons that mean the image could not be pulled: their retries are "Back-off
+# pulling image" events rather than a crash loop's.
+_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff")
 
 
 def pod_key(pod: dict[str, Any]) -> str:
@@ -53,9 +65,19 @@ def container_hash(container: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()[:16]
 
 
+async def _no_events(key: str, body: dict[str, Any]) -> None:
+    pass
+
+
 @dataclass
 class Services:
-    """What every pod supervisor shares."""
+    """What every pod supervisor shares.
+
+    ``report(key, body)`` queues a pod's status report; ``event(key, body)`` one event, whose
+    body is the wire contract's (uid, reason, message, type, fieldPath, time).
+    ``volume_resync_s`` is how often a running pod's ConfigMap, Secret and projected volumes
+    are rewritten from the store even when nobody said they changed (the kubelet's resync).
+    """
 
     data_dir: Path
     runc: Runc
@@ -63,8 +85,10 @@ class Services:
     save_state: Callable[[str, Any], Awaitable[None]]
     load_state: Callable[[str], Awaitable[Any]]
     report: Callable[[str, dict[str, Any]], Awaitable[None]]
+    event: Callable[[str, dict[str, Any]], Awaitable[None]] = field(default=_no_events)
     crash_base_s: float = 10.0
     crash_cap_s: float = 300.0
+    volume_resync_s: float = 60.0
     log_max_bytes: int = logs.DEFAULT_MAX_BYTES
     log_max_files: int = logs.DEFAULT_MAX_FILES
 
@@ -102,6 +126,11 @@ class PodSupervisor:
         self.dir = services.data_dir / "pods" / self.uid
         self._state: dict[str, Any] = {"containers": {}}
         self._report_due = trio.Event()
+        self._report_anyway = False
+        self._refresh_due = trio.Event()
+        # Per container: set to retry a failed start now rather than after its backoff.
+        self._retry_now: dict[str, trio.Event] = {}
+        self._events_in, self._events_out = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
         self._stopping = False
         self._stop_requested = trio.Event()
         self._cancel = trio.CancelScope()
@@ -117,17 +146,85 @@ class PodSupervisor:
     def _changed(self) -> None:
         self._report_due.set()
 
+    def report_again(self) -> None:
+        """Report the status even if unchanged (the cloud may have lost track of it: the node
+        was away and the node lifecycle controller marked the pod not ready)."""
+        self._report_anyway = True
+        self._report_due.set()
+
+    def objects_changed(self) -> None:
+        """A ConfigMap, Secret or token the pod uses changed: rewrite its volumes, and retry a
+        container start that failed for want of one without waiting out its backoff."""
+        self._refresh_due.set()
+        for retry in self._retry_now.values():
+            retry.set()
+
     async def _reporter(self) -> None:
         last: dict[str, Any] | None = None
         while True:
             await self._report_due.wait()
             self._report_due = trio.Event()
             status = pod_status(self.rt)
-            if status != last:
+            if status != last or self._report_anyway:
+                self._report_anyway = False
                 await self.s.report(self.key, {"uid": self.uid, "status": status})
                 last = status
             # Coalesce bursts (a probe flip right after a start): at most 5 reports a second.
             await trio.sleep(0.2)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _event(self, reason: str, message: str, container: str = "", warning: bool = False) -> None:
+        body = {
+            "uid": self.uid,
+            "reason": reason,
+            "message": message,
+            "type": "Warning" if warning else "Normal",
+            "fieldPath": self._field_path(container),
+            "time": now_rfc3339(),
+        }
+        try:
+            self._events_in.send_nowait(body)
+        except trio.WouldBlock:
+            log.warning("event dropped", extra={"pod": self.key, "reason": reason})
+
+    def _field_path(self, container: str) -> str:
+        if not container:
+            return ""
+        spec = self.pod.get("spec", {})
+        init = any(c["name"] == container for c in spec.get("initContainers", []))
+        return f"spec.{'initContainers' if init else 'containers'}{{{container}}}"
+
+    async def _eventer(self) -> None:
+        async for body in self._events_out:
+            await self.s.event(self.key, body)
+
+    async def _flush_events(self) -> None:
+        """Send what is queued now: the supervisor's tasks are about to be cancelled."""
+        while True:
+            try:
+                body = self._events_out.receive_nowait()
+            except trio.WouldBlock:
+                return
+            await self.s.event(self.key, body)
+
+    # -- volumes --------------------------------------------------------------------------------
+
+    async def _refresher(self) -> None:
+        while True:
+            with trio.move_on_after(self.s.volume_resync_s):
+                await self._refresh_due.wait()
+            self._refresh_due = trio.Event()
+            # Before a first start there is nothing to refresh: the start writes the volumes.
+            if not self.running or self._stopping:
+                continue
+            try:
+                await self.s.runtime.refresh_volumes(self.pod, self.sandbox)
+            except (VolumeError, ContainerConfigError) as exc:
+                log.warning(
+                    "cannot refresh volumes, keeping their files",
+                    extra={"pod": self.key, "error": str(exc)},
+                )
 
     # -- running --------------------------------------------------------------------------------
 
@@ -138,6 +235,8 @@ class PodSupervisor:
                 async with trio.open_nursery() as nursery:
                     self._pumps = nursery
                     nursery.start_soon(self._reporter)
+                    nursery.start_soon(self._eventer)
+                    nursery.start_soon(self._refresher)
                     await self._run(nursery)
         finally:
             self.done.set()
@@ -149,6 +248,7 @@ class PodSupervisor:
         if problem:
             self.rt.failure = ("Invalid", problem)
             self._changed()
+            self._event("Failed", f"Error: {problem}", warning=True)
             log.warning("pod cannot run", extra={"pod": self.key, "reason": problem})
             await trio.sleep_forever()
         self.sandbox = await self.s.runtime.sandbox(self.pod, self._state)
@@ -225,7 +325,8 @@ class PodSupervisor:
                         "CrashLoopBackOff", f"back-off {delay:.0f}s restarting failed container"
                     )
                     self._changed()
-                    await trio.sleep(delay)
+                    self._back_off_event(container["name"], status)
+                    await self._retry_pause(container["name"], delay)
 
     async def _run_once(self, container: dict[str, Any], status: ContainerStatus) -> int | None:
         """Start one container, wait for it to end; its exit code (None if unknown)."""
@@ -249,7 +350,9 @@ class PodSupervisor:
             running = self.running.get(name) or await self._start(container, status)
             if running is None:
                 # Could not start (image, config): retry with the same backoff.
-                await self._pause(backoff.next_delay(0) or self.s.crash_base_s)
+                if status.reason in _PULL_FAILURES:
+                    self._back_off_event(name, status)
+                await self._retry_pause(name, backoff.next_delay(0) or self.s.crash_base_s)
                 continue
             ran_from = running.started_monotonic
             async with trio.open_nursery() as watchers:
@@ -272,12 +375,35 @@ class PodSupervisor:
                     f"back-off {delay:.0f}s restarting failed container={name} pod={self.key}",
                 )
                 self._changed()
+                self._back_off_event(name, status)
                 await self._pause(delay)
+
+    def _back_off_event(self, name: str, status: ContainerStatus) -> None:
+        if status.reason in _PULL_FAILURES:
+            self._event("BackOff", f'Back-off pulling image "{status.image}"', name, warning=True)
+        else:
+            meta = self.pod["metadata"]
+            self._event(
+                "BackOff",
+                f"Back-off restarting failed container {name} in pod"
+                f" {meta['name']}_{meta.get('namespace', 'default')}({self.uid})",
+                name,
+                warning=True,
+            )
 
     async def _pause(self, seconds: float) -> None:
         """Sleep that a stop cuts short."""
         with trio.move_on_after(seconds):
             await self._stop_requested.wait()
+
+    async def _retry_pause(self, name: str, seconds: float) -> None:
+        """Sleep before retrying a start that failed, cut short by a stop or by a change of the
+        objects the pod uses (the ConfigMap it waited for has arrived)."""
+        retry = self._retry_now[name] = trio.Event()
+        if self._stopping:
+            return
+        with trio.move_on_after(seconds):
+            await retry.wait()
 
     async def _probe_all(
         self, container: dict[str, Any], status: ContainerStatus, running: Running
@@ -318,19 +444,38 @@ class PodSupervisor:
                         "why": why,
                     },
                 )
+                self._event(
+                    "Killing",
+                    f"Container {container['name']} failed {kind} probe, will be restarted",
+                    container["name"],
+                )
                 nursery.start_soon(self._kill, running, signal.SIGKILL)
             self._changed()
+
+        def failed(state: ProbeState, why: str) -> None:
+            # One event per failed probe, as the kubelet: a passing probe says nothing.
+            self._event(
+                "Unhealthy",
+                f"{state.spec.kind.capitalize()} probe failed: {why}",
+                container["name"],
+                warning=True,
+            )
 
         async with trio.open_nursery() as nursery:
             if "startup" in probes:
                 nursery.start_soon(
-                    probe_forever, ProbeState(probes["startup"]), target, ports, changed
+                    probe_forever,
+                    ProbeState(probes["startup"]),
+                    target,
+                    ports,
+                    changed,
+                    failed,
                 )
                 await startup_done.wait()
             for kind in ("liveness", "readiness"):
                 if kind in probes:
                     nursery.start_soon(
-                        probe_forever, ProbeState(probes[kind]), target, ports, changed
+                        probe_forever, ProbeState(probes[kind]), target, ports, changed, failed
                     )
 
     async def _kill(self, running: Running, sig: signal.Signals) -> None:
@@ -345,13 +490,22 @@ class PodSupervisor:
         record = self._state["containers"].get(name, {})
         attempt = record.get("attempt", -1) + 1
         try:
+
+            async def notify(reason: str, message: str) -> None:
+                self._event(reason, message, name)
+
             prepared = await self.s.runtime.prepare(
-                self.pod, container, self.sandbox, attempt, status
+                self.pod, container, self.sandbox, attempt, status, notify
             )
         except Exception as exc:  # any failure to prepare is reported in the pod's status
             reason = getattr(exc, "reason", "CreateContainerError")
             status.waiting(reason, str(exc))
             self._changed()
+            if reason in _PULL_FAILURES:
+                message = f'Failed to pull image "{status.image}": {exc}'
+            else:
+                message = f"Error: {exc}"
+            self._event("Failed", message, name, warning=True)
             log.warning(
                 "cannot start container",
                 extra={"pod": self.key, "container": name, "reason": reason, "error": str(exc)},
@@ -373,6 +527,7 @@ class PodSupervisor:
                 os.close(fd)
             status.waiting("RunContainerError", exc.detail)
             self._changed()
+            self._event("Failed", f"Error: {exc.detail}", name, warning=True)
             return None
         finally:
             for fd in (pipes.stdout_write, pipes.stderr_write):
@@ -392,9 +547,11 @@ class PodSupervisor:
             prepared.bundle,
         )
         self._pump(running, container, (pipes.stdout_read, pipes.stderr_read))
+        self._event("Created", f"Created container {name}", name)
         if self._stopping:
             await self._kill(running, signal.SIGKILL)
         await self.s.runc.start(container_id)
+        self._event("Started", f"Started container {name}", name)
         started_at = now_rfc3339()
         status.image_id = prepared.image_id
         status.running(container_id, started_at)
@@ -460,6 +617,8 @@ class PodSupervisor:
         remove the sandbox and the pod's files. Its logs stay."""
         self._stopping = True
         self._stop_requested.set()
+        for retry in self._retry_now.values():
+            retry.set()
         spec = self.pod.get("spec", {})
         grace = (
             spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)
@@ -476,18 +635,21 @@ class PodSupervisor:
         with trio.move_on_after(10):
             for ended in self._ended.values():
                 await ended.wait()
-        self._changed()
+        # The reporter goes first: a status it is still writing must not land after (and, the
+        # outbox coalescing by key, replace) the report that says the pod stopped.
+        self._cancel.cancel()
+        await self.done.wait()
+        await self._flush_events()
         await self.s.report(
             self.key, {"uid": self.uid, "status": pod_status(self.rt), "stopped": True}
         )
-        self._cancel.cancel()
-        await self.done.wait()
         if self.sandbox is not None:
-            await self.s.runtime.teardown(self.pod, self.sandbox)
+            await self.s.runtime.teardown(self.pod)
         await self.s.save_state(f"pod/{self.uid}", None)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _stop_one(self, container: dict[str, Any], running: Running, deadline: float) -> None:
+        self._event("Killing", f"Stopping container {container['name']}", container["name"])
         pre_stop = (container.get("lifecycle") or {}).get("preStop")
         if pre_stop:
             with trio.move_on_at(deadline):

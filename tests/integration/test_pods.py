@@ -147,6 +147,11 @@ async def test_readiness_follows_its_probe_and_a_failed_liveness_probe_restarts(
     assert last["exitCode"] == 137
     # A new container: a fresh writable layer, so not ready until the probe passes again.
     await until(lambda: world.container(manifest, "app").get("ready") is True, "ready again")
+    reasons = world.reasons(manifest, "app")
+    assert {"Unhealthy", "Killing"} <= set(reasons)
+    killing = next(b for _, b in world.events if b["reason"] == "Killing")
+    assert killing["message"] == "Container app failed liveness probe, will be restarted"
+    assert reasons.count("Started") == 2
 
 
 async def world_services_exec(world: PodWorld, container_id: str, argv: list[str]) -> None:
@@ -186,6 +191,11 @@ async def test_crash_loop_backoff_doubles_between_restarts(
     assert 2.0 <= gaps[-1] < 2.9
     assert waiting.get("reason") in ("CrashLoopBackOff", None)
     assert world.status(manifest)["phase"] == "Running"
+    backoffs = [b for _, b in world.events if b["reason"] == "BackOff"]
+    assert len(backoffs) >= 2
+    assert backoffs[0]["type"] == "Warning"
+    assert backoffs[0]["fieldPath"] == "spec.containers{app}"
+    assert backoffs[0]["message"].startswith("Back-off restarting failed container app in pod")
 
 
 async def test_graceful_stop_waits_for_sigterm_and_kills_at_the_grace_period(
@@ -374,3 +384,179 @@ async def test_an_unreachable_registry_is_image_pull_back_off(
         ),
         "the pull backs off",
     )
+
+
+async def test_events_re_reports_and_a_deletion_within_its_grace_period(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    manifest = world.add(
+        pod(
+            "deleted",
+            {
+                "name": "app",
+                "image": image,
+                "command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"],
+            },
+            hostNetwork=True,
+            terminationGracePeriodSeconds=30,
+        )
+    )
+    key = "default/Pod/deleted"
+    manager.changed()
+    await until(lambda: world.container(manifest, "app").get("ready") is True, "ready")
+    assert world.reasons(manifest) == ["Pulling", "Pulled", "Created", "Started"]
+    pulled = next(b for _, b in world.events if b["reason"] == "Pulled")
+    assert pulled["message"].startswith(f'Successfully pulled image "{image}" in ')
+    assert pulled["type"] == "Normal"
+    assert pulled["uid"] == manifest["metadata"]["uid"]
+
+    # The link came back: the unchanged status goes up again.
+    sent = len(world.history)
+    manager.report_again()
+    await until(lambda: len(world.history) > sent, "the status is reported again")
+    assert world.history[-1] == (key, world.history[sent - 1][1])
+
+    # The deletion's grace period (1 s) beats the spec's 30 s.
+    began = trio.current_time()
+    world.pods["deleted"] = {
+        **manifest,
+        "metadata": {
+            **manifest["metadata"],
+            "deletionTimestamp": "2025-01-01T00:00:00Z",
+            "deletionGracePeriodSeconds": 1,
+        },
+    }
+    manager.changed()
+    await until(lambda: world.reports[key].get("stopped") is True, "the pod is stopped")
+    assert trio.current_time() - began < 6
+    assert (
+        world.reports[key]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"]
+        == 137
+    )
+    assert world.reasons(manifest)[-1] == "Killing"
+    await until(lambda: not manager.supervisors, "the supervisor is gone")
+    stopped = [body for k, body in world.history if k == key and body.get("stopped")]
+    await trio.sleep(0.5)  # several reconciles: the deleted pod is not confirmed again
+    assert [body for k, body in world.history if k == key and body.get("stopped")] == stopped
+    assert len(stopped) == 1
+
+
+async def exec_output(world: PodWorld, manager: PodManager, container: str, argv: list[str]):
+    from edge.pods.runc import Runc
+
+    supervisor = next(iter(manager.supervisors.values()), None)
+    running = supervisor.running.get(container) if supervisor else None
+    if running is None:
+        return None
+    result = await Runc(world.data_dir / "runc").exec(running.id, argv)
+    return result.output.decode() if result.exit_code == 0 else None
+
+
+async def wait_output(world: PodWorld, manager: PodManager, argv: list[str], text: str) -> None:
+    with trio.fail_after(10):
+        while await exec_output(world, manager, "app", argv) != text:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+
+async def test_configmap_changes_reach_the_running_pods_volume(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    world.objects[("ConfigMap", "default")] = {"settings": {"data": {"mode": "eco"}}}
+    world.add(
+        pod(
+            "watching",
+            {
+                "name": "app",
+                "image": image,
+                "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}],
+            },
+            volumes=[{"name": "cfg", "configMap": {"name": "settings"}}],
+            hostNetwork=True,
+        )
+    )
+    manager.changed()
+    cat = ["cat", "/cfg/mode"]
+
+    async def sees(text: str) -> None:
+        await wait_output(world, manager, cat, text)
+
+    await sees("eco")
+    # Told by the store (the hub's on_applied): at once.
+    world.objects[("ConfigMap", "default")] = {"settings": {"data": {"mode": "turbo"}}}
+    manager.objects_changed(["default/ConfigMap/settings"])
+    await sees("turbo")
+    # Not told: the periodic resync finds it.
+    manager.s.volume_resync_s = 0.3
+    manager.objects_changed(["default/ConfigMap/settings"])  # restart its wait, now short
+    world.objects[("ConfigMap", "default")] = {"settings": {"data": {"mode": "quiet"}}}
+    await sees("quiet")
+    # The ConfigMap is deleted: the files stay as they were.
+    world.objects[("ConfigMap", "default")] = {}
+    await trio.sleep(1)
+    assert await exec_output(world, manager, "app", cat) == "quiet"
+
+
+def token_object(manifest: dict, token: str) -> dict:
+    meta = manifest["metadata"]
+    return {
+        "metadata": {"name": meta["name"], "namespace": "default", "uid": meta["uid"]},
+        "tokens": [
+            {
+                "audience": "",
+                "expirationSeconds": 3600,
+                "token": token,
+                "expirationTimestamp": "2030-01-01T00:00:00Z",
+            }
+        ],
+    }
+
+
+async def test_a_service_account_token_is_waited_for_then_projected_and_refreshed(
+    world: PodWorld, manager: PodManager, image: str
+) -> None:
+    manager.s.crash_base_s = 60  # the start must not wait for its backoff
+    manifest = world.add(
+        pod(
+            "tokened",
+            {
+                "name": "app",
+                "image": image,
+                "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "api", "mountPath": "/var/run/secrets/token"}],
+            },
+            volumes=[
+                {
+                    "name": "api",
+                    "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},
+                }
+            ],
+            hostNetwork=True,
+        )
+    )
+    manager.changed()
+    await until(
+        lambda: (
+            "has not arrived from the cloud yet"
+            in world.container(manifest, "app")
+            .get("state", {})
+            .get("waiting", {})
+            .get("message", "")
+        ),
+        "the start waits for the token",
+    )
+    assert world.container(manifest, "app")["state"]["waiting"]["reason"] == (
+        "CreateContainerConfigError"
+    )
+    assert "Failed" in world.reasons(manifest, "app")
+    world.objects[("ServiceAccountToken", "default")] = {"tokened": token_object(manifest, "jwt-1")}
+    began = trio.current_time()
+    manager.objects_changed(["default/ServiceAccountToken/tokened"])
+    await until(lambda: world.status(manifest).get("phase") == "Running", "it starts")
+    assert trio.current_time() - began < 10
+    cat = ["cat", "/var/run/secrets/token/token"]
+    assert await exec_output(world, manager, "app", cat) == "jwt-1"
+    # The cloud rotates the token.
+    world.objects[("ServiceAccountToken", "default")] = {"tokened": token_object(manifest, "jwt-2")}
+    manager.objects_changed(["default/ServiceAccountToken/tokened"])
+    await wait_output(world, manager, cat, "jwt-2")

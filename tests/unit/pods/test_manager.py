@@ -1,0 +1,139 @@
+"""The pod manager without runc: deleted pods it never ran, which pods hear of object changes,
+and the deletion's grace period."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from edge.pods.manager import PodManager
+from edge.pods.supervisor import Services
+
+
+class NoContainers:
+    """runc with nothing running."""
+
+    async def list(self) -> list[Any]:
+        return []
+
+
+def pod(name: str, uid: str, **meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "plant", "uid": uid, **meta},
+        "spec": {
+            "containers": [{"name": "main", "image": "app:1"}],
+            "volumes": [{"name": "cfg", "configMap": {"name": "settings"}}],
+        },
+    }
+
+
+@pytest.fixture
+def reports() -> list[tuple[str, dict[str, Any]]]:
+    return []
+
+
+@pytest.fixture
+def services(tmp_path: Path, reports: list) -> Services:
+    async def report(key: str, body: dict[str, Any]) -> None:
+        reports.append((key, body))
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    return Services(
+        data_dir=tmp_path,
+        runc=NoContainers(),  # type: ignore[arg-type]
+        runtime=None,
+        save_state=nothing,
+        load_state=nothing,
+        report=report,
+    )
+
+
+async def test_a_deleted_pod_never_run_here_is_confirmed_stopped_once(
+    services: Services, reports: list
+) -> None:
+    pods = {"u-1": pod("gone", "u-1", deletionTimestamp="2025-01-01T00:00:00Z")}
+
+    async def source() -> dict[str, dict[str, Any]]:
+        return pods
+
+    manager = PodManager(services, source)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.run, 0.01)
+        await manager.adopted_ready.wait()
+        await trio.sleep(0.1)  # many reconciles
+        assert [(key, body["uid"], body["stopped"]) for key, body in reports] == [
+            ("plant/Pod/gone", "u-1", True)
+        ]
+        assert reports[0][1]["status"]["phase"] == "Pending"
+        assert manager.supervisors == {}
+        # Forgotten once the cloud removed it; a pod of the same uid would be confirmed again.
+        del pods["u-1"]
+        await trio.sleep(0.05)
+        assert manager.confirmed == set()
+        nursery.cancel_scope.cancel()
+
+
+class Listener:
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.pod = manifest
+        self.key = f"plant/Pod/{manifest['metadata']['name']}"
+        self.told = 0
+        self.again = 0
+
+    def objects_changed(self) -> None:
+        self.told += 1
+
+    def report_again(self) -> None:
+        self.again += 1
+
+
+async def test_object_changes_reach_the_pods_of_that_namespace_that_use_them(
+    services: Services,
+) -> None:
+    async def source() -> dict[str, dict[str, Any]]:
+        return {}
+
+    manager = PodManager(services, source)
+    uses = Listener(pod("a", "u-a"))
+    other_ns = Listener({**pod("b", "u-b"), "metadata": {"name": "b", "namespace": "x"}})
+    token = Listener(pod("c", "u-c"))
+    token.pod["spec"]["volumes"] = [
+        {"name": "api", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}
+    ]
+    manager.supervisors = {"u-a": uses, "u-b": other_ns, "u-c": token}  # type: ignore[dict-item]
+    manager.objects_changed(["plant/ConfigMap/settings", "plant/Pod/a", "x/Secret/settings"])
+    manager.objects_changed(["plant/ServiceAccountToken/c"])
+    manager.objects_changed(["plant/ConfigMap/unrelated", "/Node/gw"])
+    assert (uses.told, other_ns.told, token.told) == (1, 0, 1)
+    manager.report_again()
+    assert (uses.again, other_ns.again, token.again) == (1, 1, 1)
+
+
+async def test_deletion_grace_period_overrides_the_spec(services: Services) -> None:
+    stopped: list[float | None] = []
+    pods = {"u-1": pod("app", "u-1")}
+
+    async def source() -> dict[str, dict[str, Any]]:
+        return pods
+
+    class Stoppable(Listener):
+        async def stop(self, grace_s: float | None = None) -> None:
+            stopped.append(grace_s)
+
+    manager = PodManager(services, source)
+    async with trio.open_nursery() as nursery:
+        manager._nursery = nursery
+        manager.supervisors = {"u-1": Stoppable(pods["u-1"])}  # type: ignore[dict-item]
+        pods["u-1"] = pod(
+            "app", "u-1", deletionTimestamp="2025-01-01T00:00:00Z", deletionGracePeriodSeconds=7
+        )
+        await manager.reconcile()
+    assert stopped == [7.0]
+    assert manager.supervisors == {}
+    # The supervisor's own last report said stopped: nothing more to confirm.
+    assert manager.confirmed == {"u-1"}
