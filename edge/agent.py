@@ -8,13 +8,16 @@ import logging
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import trio
 
+from edge import node_info
 from edge.images import ImageStore
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
@@ -26,6 +29,7 @@ from edge.pods.sources import ManifestFolder, store_objects, store_pods
 from edge.pods.supervisor import Services
 from edge.store import Store
 from edge.store.aio import AsyncStore
+from edge.version import __version__
 from edge.wire.events import Op
 
 if TYPE_CHECKING:
@@ -40,6 +44,8 @@ LINK_STATE_KEY = "cloud.link"
 # How often to look for reports other processes queued in the store.
 OUTBOX_POLL_S = 1.0
 IMAGE_GC_INTERVAL_S = 600.0
+# The node's status goes up at start, on every reconnect, and this often when it changed.
+NODE_STATUS_INTERVAL_S = 60.0
 
 
 class AgentError(Exception):
@@ -88,7 +94,12 @@ async def run(options: RunOptions) -> None:
                 from edge.hub.link import LinkState
 
                 link = LinkState()
-                hub = EdgeHub(aio, hub_config, link, on_applied=lambda _: manager.changed())
+
+                def applied(keys: tuple[str, ...]) -> None:
+                    manager.changed()
+                    manager.objects_changed(keys)
+
+                hub = EdgeHub(aio, hub_config, link, on_applied=applied)
             log.info(
                 "agent started",
                 extra={
@@ -106,6 +117,10 @@ async def run(options: RunOptions) -> None:
                         nursery.start_soon(hub.run)
                         nursery.start_soon(_publish_link, aio, link)
                         nursery.start_soon(_watch_outbox, aio, hub)
+                        nursery.start_soon(_report_pods_on_reconnect, link, manager)
+                        nursery.start_soon(
+                            _report_node, hub, link, node, data_dir, services.runc, hub_config
+                        )
                     await manager.adopted_ready.wait()
                     log.info("pods adopted", extra={"pods": len(manager.supervisors)})
                     async for signum in signals:
@@ -157,6 +172,7 @@ def _pod_services(
         network,
         folder.objects if folder else store_objects(aio),
         node,
+        cloud_tokens=folder is None,
     )
 
     async def save_state(key: str, value: Any) -> None:
@@ -171,6 +187,15 @@ def _pod_services(
         if current is not None:
             current.outbox_changed()
 
+    async def event(key: str, body: dict[str, Any]) -> None:
+        if folder is not None:
+            return  # standalone: no cloud to tell, and the outbox would only fill up
+        # Events are never merged: each has its own coalescing key.
+        await aio.run(aio.store.report, Op.EVENT, key, body, "", f"event:{uuid.uuid4().hex}")
+        current = hub()
+        if current is not None:
+            current.outbox_changed()
+
     return Services(
         data_dir=data_dir,
         runc=Runc(options.runc_root),
@@ -178,6 +203,7 @@ def _pod_services(
         save_state=save_state,
         load_state=load_state,
         report=report,
+        event=event,
     )
 
 
@@ -207,6 +233,46 @@ async def _publish_link(aio: AsyncStore, link: LinkState) -> None:
         state = {"online": link.online, "since": link.since, "reason": link.reason}
         await aio.run(aio.store.set_state, LINK_STATE_KEY, state)
         await link.wait_change()
+
+
+async def _went_online(link: LinkState) -> None:
+    while not await link.wait_change():
+        pass
+
+
+async def _report_pods_on_reconnect(link: LinkState, manager: PodManager) -> None:
+    """While the node was away the node lifecycle controller may have marked its pods not
+    ready: every pod reports again once the link is back."""
+    while True:
+        await _went_online(link)
+        manager.report_again()
+
+
+async def _report_node(
+    hub: EdgeHub, link: LinkState, node: str, data_dir: Path, runc: Runc, config: HubConfig
+) -> None:
+    """The ``/Node/<node>`` status: at start, on every reconnect, and every minute if it
+    changed (``edge.node_info``)."""
+    runc_version = node_info.parse_runc_version(await runc.version())
+    cloud_host = urlsplit(config.cloud_url).hostname
+    last: dict[str, Any] | None = None
+    due = True
+    while True:
+        facts = await trio.to_thread.run_sync(
+            lambda: node_info.read_facts(data_dir, runc_version=runc_version, cloud_host=cloud_host)
+        )
+        body = node_info.node_status(node, facts, __version__)
+        if due or body != last:
+            await hub.report(Op.STATUS, f"/Node/{node}", body)
+            log.info(
+                "node status reported",
+                extra={"conditions": {c["type"]: c["status"] for c in body["conditions"]}},
+            )
+            last = body
+        due = False
+        with trio.move_on_after(NODE_STATUS_INTERVAL_S):
+            await _went_online(link)
+            due = True
 
 
 async def _watch_outbox(aio: AsyncStore, hub: EdgeHub) -> None:
