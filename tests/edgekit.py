@@ -95,10 +95,19 @@ class EdgeNode:
         self.edge = Edge(
             name,
             folder / "data",
-            prefix=link.exec_prefix,
+            prefix=self.prefix,
             run_args=["--runc-root", self.runc_root, "--pod-subnet", self.pod_subnet],
         )
         self.relay: trio.Process | None = None
+
+    @property
+    def prefix(self) -> list[str]:
+        """Put before an argv to run it in the node's network namespace, and only there.
+
+        Not ``ip netns exec``: that also gives the process a mount namespace with a fresh
+        /sys, without the cgroup file systems runc needs (``no cgroup mount found``).
+        """
+        return ["nsenter", f"--net=/run/netns/{self.link.netns}", "--"]
 
     @property
     def data_dir(self) -> Path:
@@ -118,7 +127,7 @@ class EdgeNode:
     async def start_relay(self, registry_port: int, folder: Path) -> None:
         self.relay, _ = await spawn(
             folder / f"{self.name}-relay.log",
-            *self.link.exec_prefix,
+            *self.prefix,
             "socat",
             f"TCP-LISTEN:{registry_port},bind=127.0.0.1,reuseaddr,fork",
             f"TCP:{self.link.host_ip}:{registry_port}",
