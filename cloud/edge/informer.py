@@ -8,6 +8,7 @@ integer, for the hub's resume watermark.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,15 @@ from cloud.hub.nodes import rv_number
 log = logging.getLogger("cloud.edge")
 
 Handler = Callable[[dict[str, Any]], None]
+LIST_PAGE = 500
+
+
+class WatchError(Exception):
+    """An error the apiserver sent inside a watch stream (410 Gone above all)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
 
 
 class Informer:
@@ -67,32 +77,11 @@ class Informer:
         if number is not None:
             self.rv = max(self.rv, number)
 
-    async def _list(self) -> None:
-        listing = self.kube.list(self.resource, **self.scope)
-        seen: dict[str, dict[str, Any]] = {}
-        async for item in listing:
-            obj = item.to_dict()
-            seen[obj["metadata"]["uid"]] = obj
-        for uid in set(self._known) - set(seen):
-            self.delete(self._known.pop(uid))
-        for uid, obj in seen.items():
-            known = self._known.get(uid)
-            if known is None or known["metadata"]["resourceVersion"] != _rv(obj):
-                self._known[uid] = _stub(obj)
-                self.put(obj)
-        self._advance(listing.resourceVersion)
-        self.relists += 1
-
-    async def _watch(self) -> None:
-        # lightkube's watch cannot ask for bookmarks, so the request is built through its own
-        # machinery with that parameter added. Without bookmarks, a kind that rarely changes
-        # would hold ``rv`` (and so every node's resume watermark) back for as long as it is
-        # quiet; with them the apiserver tells us about once a minute how far we are.
+    def _request(self, watch: bool, params: dict[str, Any]) -> Any:
+        # lightkube decodes into its models, which cannot express a watch bookmark (a Pod with
+        # only a resourceVersion fails to decode) and cost a copy per object; the requests are
+        # built through lightkube (auth, TLS, URLs) and the JSON is read as it comes.
         generic = self.kube._client
-        params: dict[str, Any] = {
-            "resourceVersion": self._rv_text,
-            "allowWatchBookmarks": "true",
-        }
         if "labels" in self.scope:
             params["labelSelector"] = build_selector(self.scope["labels"])
         if "fields" in self.scope:
@@ -101,23 +90,69 @@ class Informer:
             "list",
             res=self.resource,
             namespace=self.scope.get("namespace"),
-            watch=True,
-            params=params,
+            watch=watch,
+            params={k: v for k, v in params.items() if v is not None},
         )
-        async for change, item in generic.watch(request):
-            meta = item.metadata
-            if change == "BOOKMARK":
-                self._advance(meta.resourceVersion)
-                continue
-            obj = item.to_dict()
-            uid = obj["metadata"]["uid"]
-            if change == "DELETED":
-                self._known.pop(uid, None)
-                self.delete(obj)
-            else:
+        if watch:
+            request.timeout = generic._watch_timeout
+        return generic, generic.build_adapter_request(request)
+
+    async def _list(self) -> None:
+        seen: dict[str, dict[str, Any]] = {}
+        token: str | None = None
+        while True:
+            generic, request = self._request(False, {"limit": LIST_PAGE, "continue": token})
+            response = await generic.send(request)
+            generic.raise_for_status(response)
+            page = json.loads(response.content)
+            for obj in page.get("items") or ():
+                seen[obj["metadata"]["uid"]] = obj
+            token = page["metadata"].get("continue")
+            if not token:
+                break
+        for uid in set(self._known) - set(seen):
+            self.delete(self._known.pop(uid))
+        for uid, obj in seen.items():
+            known = self._known.get(uid)
+            if known is None or known["metadata"]["resourceVersion"] != _rv(obj):
                 self._known[uid] = _stub(obj)
                 self.put(obj)
+        self._advance(page["metadata"].get("resourceVersion"))
+        self.relists += 1
+
+    async def _watch(self) -> None:
+        """Watch from the last resourceVersion until the apiserver ends the request. Bookmarks
+        (about once a minute) move ``rv`` on while this kind is quiet, so that a kind that
+        rarely changes does not hold every node's resume watermark back."""
+        generic, request = self._request(
+            True, {"resourceVersion": self._rv_text, "allowWatchBookmarks": "true"}
+        )
+        response = await generic.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                generic.raise_for_status(response)
+            async for line in response.aiter_lines():
+                if line:
+                    self._event(json.loads(line))
+        finally:
+            await response.aclose()
+
+    def _event(self, event: dict[str, Any]) -> None:
+        change, obj = event.get("type"), event.get("object") or {}
+        if change == "ERROR":
+            raise WatchError(int(obj.get("code") or 0), str(obj.get("message", "")))
+        if change == "BOOKMARK":
             self._advance(obj["metadata"].get("resourceVersion"))
+            return
+        uid = obj["metadata"]["uid"]
+        if change == "DELETED":
+            self._known.pop(uid, None)
+            self.delete(obj)
+        else:
+            self._known[uid] = _stub(obj)
+            self.put(obj)
+        self._advance(_rv(obj))
 
     async def run(self) -> None:
         """List, then watch forever; failures are logged and retried."""
@@ -132,6 +167,15 @@ class Informer:
                             extra={"kind": self.kind, "objects": len(self._known)},
                         )
                 await self._watch()
+            except WatchError as exc:
+                if exc.code == 410:
+                    log.info("watch expired, listing again", extra={"kind": self.kind})
+                    self._rv_text = None
+                    continue
+                log.warning(
+                    "watch failed", extra={"kind": self.kind, "code": exc.code, "error": str(exc)}
+                )
+                await trio.sleep(self.retry_s)
             except ApiError as exc:
                 if exc.status.code == 410:
                     log.info("watch expired, listing again", extra={"kind": self.kind})

@@ -140,7 +140,7 @@ class KubeReports:
     async def _pod_status(self, entry: PodEntry, body: dict[str, Any]) -> None:
         status = body.get("status")
         if isinstance(status, dict):
-            patch = {"metadata": {"uid": entry.uid}, "status": status}
+            patch = {"metadata": {"uid": entry.uid}, "status": _complete_conditions(status)}
             try:
                 async for attempt in retrying():
                     with attempt:
@@ -174,3 +174,13 @@ class KubeReports:
                 return
             self.deleted += 1
             log.info("pod deleted after the edge stopped it", extra={"pod": entry.key})
+
+
+def _complete_conditions(status: dict[str, Any]) -> dict[str, Any]:
+    """Conditions merge by type: a field the edge leaves out would keep the value someone
+    else wrote (the node lifecycle controller's reason on Ready, say), so it is cleared."""
+    conditions = status.get("conditions")
+    if not isinstance(conditions, list):
+        return status
+    cleared = [{"reason": None, "message": None, **c} for c in conditions if isinstance(c, dict)]
+    return {**status, "conditions": cleared}

@@ -202,7 +202,7 @@ class EdgeSource:
                     boundObjectRef=BoundObjectReference(
                         kind="Pod", apiVersion="v1", name=name, uid=uid
                     ),
-                )
+                ),
             )
             try:
                 issued = await self.kube.create(request, name=account, namespace=namespace)
