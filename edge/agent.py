@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,9 +118,8 @@ async def run(options: RunOptions) -> None:
                         nursery.start_soon(_publish_link, aio, link)
                         nursery.start_soon(_watch_outbox, aio, hub)
                         nursery.start_soon(_report_pods_on_reconnect, link, manager)
-                        nursery.start_soon(
-                            _report_node, hub, link, node, data_dir, services.runc, hub_config
-                        )
+                        read_node = _node_status(node, data_dir, services.runc, hub_config)
+                        nursery.start_soon(_report_node, hub, link, node, read_node)
                     await manager.adopted_ready.wait()
                     log.info("pods adopted", extra={"pods": len(manager.supervisors)})
                     async for signum in signals:
@@ -248,20 +247,34 @@ async def _report_pods_on_reconnect(link: LinkState, manager: PodManager) -> Non
         manager.report_again()
 
 
-async def _report_node(
-    hub: EdgeHub, link: LinkState, node: str, data_dir: Path, runc: Runc, config: HubConfig
-) -> None:
-    """The ``/Node/<node>`` status: at start, on every reconnect, and every minute if it
-    changed (``edge.node_info``)."""
-    runc_version = node_info.parse_runc_version(await runc.version())
+def _node_status(
+    node: str, data_dir: Path, runc: Runc, config: HubConfig
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Reads the node's status report (``edge.node_info``) from the host, in a worker thread."""
     cloud_host = urlsplit(config.cloud_url).hostname
-    last: dict[str, Any] | None = None
-    due = True
-    while True:
+    runc_version: str | None = None
+
+    async def read() -> dict[str, Any]:
+        nonlocal runc_version
+        if runc_version is None:
+            runc_version = node_info.parse_runc_version(await runc.version())
         facts = await trio.to_thread.run_sync(
             lambda: node_info.read_facts(data_dir, runc_version=runc_version, cloud_host=cloud_host)
         )
-        body = node_info.node_status(node, facts, __version__)
+        return node_info.node_status(node, facts, __version__)
+
+    return read
+
+
+async def _report_node(
+    hub: EdgeHub, link: LinkState, node: str, read: Callable[[], Awaitable[dict[str, Any]]]
+) -> None:
+    """The ``/Node/<node>`` status: at start, on every reconnect, and every minute if it
+    changed."""
+    last: dict[str, Any] | None = None
+    due = True
+    while True:
+        body = await read()
         if due or body != last:
             await hub.report(Op.STATUS, f"/Node/{node}", body)
             log.info(
