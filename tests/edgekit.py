@@ -327,7 +327,7 @@ class EdgeCluster:
 
         async def check() -> dict[str, Any] | None:
             node = await self.get("node", name, "--ignore-not-found")
-            return node if node and node_condition(node) == "True" else None
+            return node if node and condition(node) == "True" else None
 
         return await self.until(check, f"node {name} is Ready", within)
 
@@ -390,10 +390,11 @@ def ready(pod: dict[str, Any]) -> bool:
     )
 
 
-def node_condition(node: dict[str, Any], kind: str = "Ready") -> str:
-    for condition in node.get("status", {}).get("conditions", []):
-        if condition["type"] == kind:
-            return condition["status"]
+def condition(obj: dict[str, Any], kind: str = "Ready") -> str:
+    """The status (True, False, Unknown) of a Node's or Pod's condition; "" when it has none."""
+    for found in obj.get("status", {}).get("conditions", []):
+        if found["type"] == kind:
+            return found["status"]
     return ""
 
 
