@@ -25,7 +25,6 @@ _POD_METADATA = (
     "name",
     "namespace",
     "uid",
-    "resourceVersion",
     "generateName",
     "labels",
     "annotations",
@@ -34,7 +33,9 @@ _POD_METADATA = (
     "deletionTimestamp",
     "deletionGracePeriodSeconds",
 )
-_OBJECT_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
+# Not the resourceVersion: it travels beside the body, and a body that carried it would differ
+# after every status write, sending the pod to its node again for nothing.
+_OBJECT_METADATA = ("name", "namespace", "uid", "labels", "annotations")
 
 
 def _containers(spec: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:

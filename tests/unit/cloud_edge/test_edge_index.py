@@ -153,11 +153,6 @@ def test_a_removed_pod_leaves_its_node(index: EdgeIndex, hub: Recorder) -> None:
     assert index.objects_for("a") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pod_body keeps metadata.resourceVersion, so every status update changes the "
-    "body and the pod is sent again (see /tmp/team/bugs.md)",
-)
 def test_a_pod_update_that_only_moves_the_resource_version_is_not_sent(
     index: EdgeIndex, hub: Recorder
 ) -> None:
