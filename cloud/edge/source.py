@@ -53,7 +53,7 @@ class EdgeSource:
         self.ready = trio.Event()
         self.edge_nodes: set[str] = set()
         # Pods waiting for their tokens: uid -> latest version seen.
-        self._waiting: dict[str, dict[str, Any]] = {}
+        self.waiting: dict[str, dict[str, Any]] = {}
         self._token_due: dict[str, float] = {}  # pod uid -> when to renew (trio clock)
         self._token_send, self._token_receive = trio.open_memory_channel[str](10_000)
         self._toleration_send, self._toleration_receive = trio.open_memory_channel[str](10_000)
@@ -80,7 +80,7 @@ class EdgeSource:
     @property
     def rv(self) -> int:
         rv = min(informer.rv for informer in self.informers)
-        for pod in self._waiting.values():
+        for pod in self.waiting.values():
             number = rv_number(pod["metadata"]["resourceVersion"])
             if number is not None:
                 rv = min(rv, number - 1)
@@ -130,13 +130,13 @@ class EdgeSource:
         entry = self.index.pods.get(uid)
         # Only a pod never tried waits: one whose tokens failed goes on, to show why.
         if entry is None and uid not in self._token_due and _needs_tokens(pod):
-            first = uid not in self._waiting
-            self._waiting[uid] = pod
+            first = uid not in self.waiting
+            self.waiting[uid] = pod
             if first:
                 self._token_send.send_nowait(uid)
             return
-        if uid in self._waiting:
-            self._waiting[uid] = pod
+        if uid in self.waiting:
+            self.waiting[uid] = pod
             return
         entry = self.index.put_pod(pod)
         if entry is not None and entry.node in self.edge_nodes and not entry.deleting:
@@ -144,7 +144,7 @@ class EdgeSource:
 
     def _delete_pod(self, pod: dict[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
-        self._waiting.pop(uid, None)
+        self.waiting.pop(uid, None)
         self._token_due.pop(uid, None)
         self.index.remove_pod(uid)
 
@@ -166,7 +166,7 @@ class EdgeSource:
                 nursery.start_soon(self._issue, uid, limiter)
 
     async def _issue(self, uid: str, limiter: trio.CapacityLimiter) -> None:
-        pod = self._waiting.get(uid)
+        pod = self.waiting.get(uid)
         entry = self.index.pods.get(uid)
         if pod is not None:
             meta, spec = pod["metadata"], pod.get("spec") or {}
@@ -182,7 +182,7 @@ class EdgeSource:
         if tokens is not None:
             self.index.put_token(uid, *target, tokens, f"t{time.time_ns()}")
         self._token_due[uid] = trio.current_time() + lifetime * TOKEN_REFRESH_FRACTION
-        waiting = self._waiting.pop(uid, None)
+        waiting = self.waiting.pop(uid, None)
         if waiting is not None:
             self._put_pod(waiting)
 

@@ -32,8 +32,10 @@ from lightkube.resources.core_v1 import (
     Secret,
 )
 from lightkube.types import PatchType
+from prometheus_client import CollectorRegistry, generate_latest
 
 from cloud.edge import ControllerSettings, EdgeController
+from cloud.edge import metrics as controller_metrics
 from cloud.hub.server import Hub, HubSettings
 from edge.hub.client import EdgeHub
 from edge.store import Store
@@ -415,6 +417,11 @@ async def test_a_node_writes_only_its_own_pods_and_node(
     assert (await kube.get(Pod, "theirs", namespace=namespace)).status.phase == "Pending"
     with pytest.raises(ApiError):
         await kube.get(Node, b)
+    registry = CollectorRegistry()
+    controller_metrics.register(registry, cloud.controller)
+    scraped = generate_latest(registry).decode()
+    refused = cloud.controller.reports.refused
+    assert f"outpost_edge_reports_refused_total {float(refused)}" in scraped
     refusals = [r for r in caplog.records if r.getMessage() == "report refused"]
     assert {r.key for r in refusals} >= {f"{namespace}/Pod/theirs", f"/Node/{b}"}
 
