@@ -13,12 +13,22 @@ import trio
 from lightkube.core.exceptions import ApiError
 
 from cloud import kube, pki, service
+from cloud.hub.ownership import sanitize_id
 from cloud.hub.server import HubSettings
 from edge import logs
-from edge.cli import validate_node_name, version_info
+from edge.cli import validate_cloud_url, validate_node_name, version_info
 from edge.version import __version__
 
 log = logging.getLogger("cloud")
+
+
+def validate_replica_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if sanitize_id(value) != value:
+        raise click.BadParameter(
+            f"{value!r} is not a valid replica id: use lower-case letters, digits, '-' and '.',"
+            " starting and ending with a letter or digit"
+        )
+    return value
 
 
 def validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
@@ -95,6 +105,20 @@ def cli(log_level: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Append every upstream report to this JSON-lines file (audit and debugging).",
 )
+@click.option(
+    "--replica-id",
+    callback=lambda ctx, param, value: value and validate_replica_id(ctx, param, value),
+    envvar="OUTPOST_CLOUD_REPLICA_ID",
+    help="This replica's name in the Leases that share the nodes between replicas"
+    " (default: HOSTNAME-PID).",
+)
+@click.option(
+    "--advertise-url",
+    callback=lambda ctx, param, value: value and validate_cloud_url(ctx, param, value),
+    envvar="OUTPOST_CLOUD_ADVERTISE_URL",
+    help="https:// URL at which edges reach this replica, given to edges redirected here by"
+    " other replicas (default: https://LISTEN-HOST-OR-HOSTNAME:PORT).",
+)
 def serve(
     kubeconfig: Path | None,
     listen: tuple[str, int],
@@ -103,6 +127,8 @@ def serve(
     heartbeat: float,
     max_handshakes: int,
     report_log: Path | None,
+    replica_id: str | None,
+    advertise_url: str | None,
 ) -> None:
     """Serve edge gateways until SIGTERM or Ctrl-C.
 
@@ -117,6 +143,8 @@ def serve(
         tls_sans=list(tls_san),
         report_log=report_log,
         settings=HubSettings(heartbeat_s=heartbeat, max_handshakes=max_handshakes),
+        replica_id=replica_id,
+        advertise_url=advertise_url,
     )
     try:
         trio.run(service.serve, options)

@@ -14,6 +14,7 @@ import trio
 
 from cloud import bootstrap, kube, pki
 from cloud.hub.metrics import HubMetrics, serve_metrics
+from cloud.hub.ownership import Ownership, default_replica_id
 from cloud.hub.reports import LogOnly, ReportLog, ReportSink
 from cloud.hub.server import Hub, HubSettings, tune_gc
 from cloud.hub.source import ConfigMapSource
@@ -32,6 +33,19 @@ class ServeOptions:
     tls_sans: list[str] = field(default_factory=list)
     report_log: Path | None = None
     settings: HubSettings = field(default_factory=HubSettings)
+    # Several replicas share the nodes (cloud.hub.ownership); each needs its own id, and the
+    # URL by which edges redirected to it reach it.
+    replica_id: str | None = None
+    advertise_url: str | None = None
+
+
+def default_advertise_url(listen: tuple[str, int]) -> str:
+    host, port = listen
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
 
 
 def default_sans(listen_host: str) -> list[str]:
@@ -61,6 +75,11 @@ async def serve(options: ServeOptions) -> None:
             settings = options.settings
             settings.host, settings.port = options.listen
             metrics = HubMetrics()
+            ownership = Ownership(
+                client,
+                options.replica_id or default_replica_id(),
+                options.advertise_url or default_advertise_url(options.listen),
+            )
             hub = Hub(
                 settings,
                 server_context(cert_pem, key_pem, ca.cert_pem),
@@ -68,6 +87,7 @@ async def serve(options: ServeOptions) -> None:
                 sink=sink,
                 watermarks=watermarks,
                 metrics=metrics,
+                ownership=ownership,
                 routes={
                     CA_PATH: partial(bootstrap.serve_ca, ca=ca),
                     JOIN_PATH: partial(bootstrap.serve_join, kube=client, ca=ca),
@@ -85,6 +105,7 @@ async def serve(options: ServeOptions) -> None:
             tune_gc()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(source.run)
+                await nursery.start(ownership.run)
                 await nursery.start(hub.run)
                 if options.metrics_listen is not None:
                     port = await nursery.start(serve_metrics, metrics, *options.metrics_listen)

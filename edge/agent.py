@@ -52,9 +52,14 @@ class AgentError(Exception):
     """The agent cannot start; the message says what to do."""
 
 
-def saved_cloud_url(data_dir: Path) -> str | None:
+def saved_cloud_urls(data_dir: Path) -> list[str]:
+    """The cloud URLs saved at join, one a line: replicas of one cloud, tried in turn."""
     path = data_dir / CLOUD_URL_FILE
-    return path.read_text().strip() if path.exists() else None
+    return path.read_text().split() if path.exists() else []
+
+
+def saved_cloud_url(data_dir: Path) -> str | None:
+    return next(iter(saved_cloud_urls(data_dir)), None)
 
 
 def save_cloud_url(data_dir: Path, url: str) -> None:
@@ -64,7 +69,7 @@ def save_cloud_url(data_dir: Path, url: str) -> None:
 @dataclass
 class RunOptions:
     data_dir: Path
-    cloud_url: str | None = None
+    cloud_urls: tuple[str, ...] = ()
     manifests: Path | None = None  # standalone mode when set
     runc_root: Path = DEFAULT_RUNC_ROOT
     pod_subnet: str = "10.88.0.0/16"
@@ -76,7 +81,7 @@ async def run(options: RunOptions) -> None:
         data_dir = options.data_dir
         hub_config = None
         if options.manifests is None:
-            hub_config = _hub_config(data_dir, options.cloud_url)
+            hub_config = _hub_config(data_dir, options.cloud_urls)
             node = hub_config.node
         else:
             node = socket.gethostname().lower()
@@ -104,7 +109,7 @@ async def run(options: RunOptions) -> None:
                 "agent started",
                 extra={
                     "node": node,
-                    "cloud": hub_config.cloud_url if hub_config else "(standalone)",
+                    "cloud": ",".join(hub_config.cloud_urls) if hub_config else "(standalone)",
                     "hwm": store.hwm,
                     "data_dir": data_dir,
                 },
@@ -135,7 +140,7 @@ async def run(options: RunOptions) -> None:
                 )
 
 
-def _hub_config(data_dir: Path, cloud_url: str | None) -> HubConfig:
+def _hub_config(data_dir: Path, cloud_urls: tuple[str, ...]) -> HubConfig:
     from edge import identity
     from edge.hub.client import HubConfig
 
@@ -146,10 +151,15 @@ def _hub_config(data_dir: Path, cloud_url: str | None) -> HubConfig:
                 f"this gateway has not joined a cloud ({data_dir / 'identity'} is empty):"
                 " run `outpost join` first, or `outpost run --standalone`"
             )
-        url = cloud_url or saved_cloud_url(data_dir)
-        if url is None:
+        urls = list(cloud_urls) or saved_cloud_urls(data_dir)
+        if not urls:
             raise AgentError(f"no cloud URL: pass --cloud, or join again to save it in {data_dir}")
-        return HubConfig(cloud_url=url, node=me.node, ssl_context=identity.client_ssl_context(me))
+        return HubConfig(
+            cloud_url=urls[0],
+            fallback_urls=tuple(urls[1:]),
+            node=me.node,
+            ssl_context=identity.client_ssl_context(me),
+        )
     except identity.IdentityError as exc:
         raise AgentError(str(exc)) from exc
 

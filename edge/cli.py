@@ -100,9 +100,11 @@ def cli(log_level: str) -> None:
 )
 @click.option(
     "--cloud",
-    callback=lambda ctx, param, value: value and validate_cloud_url(ctx, param, value),
+    multiple=True,
+    callback=lambda ctx, param, value: tuple(validate_cloud_url(ctx, param, v) for v in value),
     envvar="OUTPOST_URL",
-    help="https:// URL of the outpost-cloud (default: the one given to `outpost join`).",
+    help="https:// URL of the outpost-cloud (default: the one given to `outpost join`);"
+    " repeat it for several replicas of the cloud, tried in turn.",
 )
 @click.option(
     "--runc-root",
@@ -123,7 +125,7 @@ def run(
     data_dir: Path,
     standalone: bool,
     manifests: Path | None,
-    cloud: str | None,
+    cloud: tuple[str, ...],
     runc_root: Path,
     pod_subnet: str,
 ) -> None:
@@ -140,7 +142,7 @@ def run(
         raise click.UsageError("--standalone needs --manifests DIR: the pods to run")
     options = agent.RunOptions(
         data_dir=data_dir,
-        cloud_url=cloud,
+        cloud_urls=cloud,
         manifests=manifests,
         runc_root=runc_root,
         pod_subnet=pod_subnet,

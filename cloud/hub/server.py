@@ -12,6 +12,12 @@ answered with HTTP 503 and a ``Retry-After`` that grows with the backlog, which 
 Each node's downstream stream (``cloud.hub.nodes.NodeStream``) outlives its sessions;
 watermarks are persisted in batches by ``cloud.hub.watermarks``. Other WebSocket paths (the
 join exchange) are served by handlers passed in ``routes``.
+
+Run as one of several replicas, the hub is given an ``Ownership`` (``cloud.hub.ownership``): a
+node held by another live replica is redirected there (HTTP 307, ``Location`` and a
+``Retry-After`` for when that replica's lease would run out), and a node this replica has not
+served continuously starts from its watermark as read from Kubernetes, never from memory. Only
+nodes this replica holds have their watermarks written.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import gc
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +42,7 @@ from trio_websocket import (
 
 from cloud.hub.metrics import HubMetrics
 from cloud.hub.nodes import NodeStream, SourceObject, Watermark
+from cloud.hub.ownership import Elsewhere, Ownership, OwnershipUnavailable
 from cloud.hub.reports import LogOnly, ReportSink
 from cloud.hub.watermarks import WatermarkStore
 from edge.hub.client import (
@@ -44,6 +51,7 @@ from edge.hub.client import (
     PROTOCOL_ERROR,
     close_session,
     unwrap,
+    websocket_url,
 )
 from edge.wire import codec
 from edge.wire.codec import ProtocolError
@@ -68,6 +76,15 @@ class Source(Protocol):
     ready: trio.Event
 
     def objects(self, node: str) -> list[SourceObject]: ...
+
+
+class Lifecycle(Protocol):
+    """Told when a node's session opens and closes (the edge controller keeps its Node and
+    Lease from these). Both are called from the session's task and must not block."""
+
+    def connected(self, node: str, hello: Hello, remote: str) -> None: ...
+
+    def disconnected(self, node: str) -> None: ...
 
 
 @dataclass
@@ -132,6 +149,8 @@ class Hub:
         watermarks: WatermarkStore | None = None,
         metrics: HubMetrics | None = None,
         routes: dict[str, Route] | None = None,
+        lifecycle: Lifecycle | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self.settings = settings
         self.ssl_context = ssl_context
@@ -140,12 +159,19 @@ class Hub:
         self.watermarks = watermarks
         self.metrics = metrics or HubMetrics()
         self.routes = routes or {}
+        self.lifecycle = lifecycle
+        self.ownership = ownership
+        if ownership is not None:
+            ownership.before_release = self._flush_before_release
+            ownership.on_lost = self._lost
         self.streams: dict[str, NodeStream] = {}
         self.sessions: dict[str, Session] = {}
         self.ever_connected: set[str] = set()
         self.resent = 0
         self._locks: dict[str, trio.Lock] = {}
         self._slots = trio.Semaphore(settings.max_handshakes)
+        # One watermark write at a time: a release's write must not be overtaken by an older one.
+        self._write_lock = trio.Lock()
         self._waiting = 0
         self.port: int | None = None
         self.metrics.track_depth(lambda: sum(s.depth for s in self.streams.values()))
@@ -183,12 +209,19 @@ class Hub:
             self.settings.port, host=self.settings.host, backlog=4096
         )
         self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            if self.watermarks is not None:
-                nursery.start_soon(self._flush_watermarks)
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            log.info("hub listening", extra={"host": self.settings.host, "port": self.port})
-            task_status.started(self.port)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.watermarks is not None:
+                    nursery.start_soon(self._flush_watermarks)
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                log.info("hub listening", extra={"host": self.settings.host, "port": self.port})
+                task_status.started(self.port)
+        finally:
+            if self.ownership is not None:
+                # After the last watermarks are written: the nodes may move at once.
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True
+                    await self.ownership.resign()
 
     async def _flush_watermarks(self) -> None:
         """Persist changed watermarks every ``flush_interval_s``, and once more on the way out.
@@ -207,23 +240,61 @@ class Hub:
             with trio.move_on_after(5) as scope:
                 scope.shield = True
                 unsent.update(self.collect_watermarks())
+                if self.ownership is not None:
+                    unsent.update(self._marks(self.ownership.owned))
                 if unsent:
-                    await self._write_watermarks(unsent)
+                    await self._write_watermarks(unsent, idle_too=True)
 
-    async def _write_watermarks(self, marks: dict[str, Watermark]) -> bool:
+    def _marks(self, nodes: Iterable[str]) -> dict[str, Watermark]:
+        rv = self._source_rv()
+        return {node: self.streams[node].watermark(rv) for node in nodes if node in self.streams}
+
+    async def _flush_before_release(self, nodes: list[str]) -> bool:
+        """Persist the watermarks of nodes about to be released, so their next owner resumes
+        from where this replica left them."""
+        if self.watermarks is None:
+            return True
+        return await self._write_watermarks(self._marks(nodes), idle_too=True)
+
+    def _lost(self, nodes: list[str]) -> None:
+        """These nodes are no longer this replica's: end their sessions here, and forget their
+        streams so that nothing stale is written or resumed from."""
+        for node in nodes:
+            self.streams.pop(node, None)
+            session = self.sessions.get(node)
+            if session is not None:
+                session.close_reason = "this cloud replica no longer serves the node"
+                session.cancel_scope.cancel()
+
+    async def _write_watermarks(
+        self, marks: dict[str, Watermark], *, idle_too: bool = False
+    ) -> bool:
+        """Write ``marks``; with an ownership, only of nodes this replica holds, and (unless
+        ``idle_too``) that have a session: an idle node's last watermark is written once, by
+        ``_flush_before_release``, before it is released."""
         assert self.watermarks is not None
-        before = self.watermarks.writes
-        try:
-            await self.watermarks.write(marks)
-        except (ApiError, httpx2.TransportError) as exc:
-            log.warning(
-                "cannot persist watermarks; will retry",
-                extra={"nodes": len(marks), "error": str(exc)},
-            )
-            return False
-        finally:
-            self.metrics.watermark_writes.inc(self.watermarks.writes - before)
-        return True
+        async with self._write_lock:
+            if self.ownership is not None:
+                ownership = self.ownership
+                marks = {
+                    node: mark
+                    for node, mark in marks.items()
+                    if ownership.owns(node) and (idle_too or node in self.sessions)
+                }
+            if not marks:
+                return True
+            before = self.watermarks.writes
+            try:
+                await self.watermarks.write(marks)
+            except (ApiError, httpx2.TransportError) as exc:
+                log.warning(
+                    "cannot persist watermarks; will retry",
+                    extra={"nodes": len(marks), "error": str(exc)},
+                )
+                return False
+            finally:
+                self.metrics.watermark_writes.inc(self.watermarks.writes - before)
+            return True
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         self._waiting += 1
@@ -333,6 +404,81 @@ class Hub:
                 503, extra_headers=[(b"Retry-After", b"2")], body=b"outpost-cloud is starting\n"
             )
             return
+        if self.ownership is None:
+            await self._accept(request, remote, release, node)
+            return
+        if not await self._claim(node, request, remote):
+            return
+        try:
+            await self._accept(request, remote, release, node)
+        finally:
+            self.ownership.unclaim(node)
+
+    async def _claim(self, node: str, request: WebSocketRequest, remote: str) -> bool:
+        """Whether this replica serves ``node`` now; if not, the edge has been told where to go
+        or when to come back. On True the caller must ``unclaim`` when the connection ends."""
+        assert self.ownership is not None
+        try:
+            verdict = await self.ownership.claim(node)
+        except OwnershipUnavailable as exc:
+            log.warning(
+                "cannot settle who serves the node", extra={"node": node, "error": str(exc)}
+            )
+            await self._unavailable(request)
+            return False
+        if isinstance(verdict, Elsewhere):
+            self.streams.pop(node, None)
+            self.metrics.rejected.labels("elsewhere").inc()
+            location = websocket_url(verdict.url)
+            log.info(
+                "node served by another replica, redirecting",
+                extra={"node": node, "remote": remote, "replica": verdict.replica, "to": location},
+            )
+            await request.reject(
+                307,
+                extra_headers=[
+                    (b"Location", location.encode()),
+                    (b"Retry-After", str(verdict.retry_after_s).encode()),
+                ],
+                body=f"node {node} is served by {verdict.url}\n".encode(),
+            )
+            return False
+        if verdict.continuous and node in self.streams:
+            return True
+        # Another replica may have served the node since this one did: its stream in memory
+        # is stale, and its watermark in Kubernetes is the truth.
+        self.streams.pop(node, None)
+        if self.watermarks is not None:
+            try:
+                mark = await self.watermarks.load_node(node)
+            except (ApiError, httpx2.TransportError) as exc:
+                self.ownership.unclaim(node)
+                log.warning(
+                    "cannot read the node's watermark", extra={"node": node, "error": str(exc)}
+                )
+                await self._unavailable(request)
+                return False
+            log.info(
+                "serving node from its persisted watermark",
+                extra={"node": node, "acked": mark.acked if mark else None},
+            )
+        return True
+
+    async def _unavailable(self, request: WebSocketRequest) -> None:
+        self.metrics.rejected.labels("unavailable").inc()
+        await request.reject(
+            503,
+            extra_headers=[(b"Retry-After", b"2")],
+            body=b"outpost-cloud cannot reach Kubernetes\n",
+        )
+
+    async def _accept(
+        self,
+        request: WebSocketRequest,
+        remote: str,
+        release: Callable[[], None],
+        node: str,
+    ) -> None:
         ws = await request.accept()
         conn = Connection(
             Role.CLOUD,
@@ -389,6 +535,8 @@ class Hub:
         self.metrics.sessions.inc()
         self.metrics.connected.inc()
         release()
+        if self.lifecycle is not None:
+            self.lifecycle.connected(node, hello, remote)
         log.info(
             "session open",
             extra={
@@ -411,6 +559,8 @@ class Hub:
             self.metrics.connected.dec()
             if self.sessions.get(node) is session:
                 del self.sessions[node]
+                if self.lifecycle is not None:
+                    self.lifecycle.disconnected(node)
             if session.cancel_scope.cancelled_caught:
                 await close_session(ws, conn, NORMAL_CLOSURE, session.close_reason)
             session.done.set()

@@ -64,11 +64,27 @@ class WatermarkStore:
                     continue
                 raise
             for node, text in (cm.data or {}).items():
-                try:
-                    self.loaded[node] = Watermark.from_json(json.loads(text))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignoring an unreadable watermark", extra={"node": node})
+                if (mark := _parse(node, text)) is not None:
+                    self.loaded[node] = mark
         return self.loaded
+
+    async def load_node(self, node: str) -> Watermark | None:
+        """Read one node's watermark afresh into ``loaded`` (another replica may have moved it
+        on since ``load``); None when it has none."""
+        self.loaded.pop(node, None)
+        try:
+            cm = await self.kube.get(
+                ConfigMap, shard_name(shard_of(node)), namespace=self.namespace
+            )
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+        text = (cm.data or {}).get(node)
+        mark = None if text is None else _parse(node, text)
+        if mark is not None:
+            self.loaded[node] = mark
+        return mark
 
     async def write(self, marks: dict[str, Watermark]) -> None:
         """Persist ``marks``: one write per shard touched."""
@@ -94,3 +110,11 @@ class WatermarkStore:
                     ConfigMap(metadata=ObjectMeta(name=name, namespace=self.namespace), data=data)
                 )
             self.writes += 1
+
+
+def _parse(node: str, text: str) -> Watermark | None:
+    try:
+        return Watermark.from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable watermark", extra={"node": node})
+        return None

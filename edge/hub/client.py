@@ -11,6 +11,12 @@ Reconnects use full-jitter exponential backoff (a random wait between 0 and
 together. A cloud that refuses a session for load says how long to stay away (``retry_after``),
 which the edge honours, spread by up to half again. A session that stayed up for
 ``stable_after_s`` resets the backoff.
+
+The edge may know several cloud replicas; ``edge.hub.targets`` decides which one to dial, and
+follows a replica's redirect (HTTP 307 to the replica that serves the node). When the
+redirect's target cannot be reached, its owner has probably died: the redirecting replica said
+when that owner's lease runs out (``Retry-After``), and the edge comes back to it then, whatever
+its backoff had grown to, so that a replica failure costs its nodes about one lease duration.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from trio_websocket import (
 )
 
 from edge.hub.link import LinkState
+from edge.hub.targets import MAX_REDIRECTS, Targets, cloud_url_of
 from edge.store import StoreError
 from edge.store.aio import AsyncStore
 from edge.version import __version__
@@ -57,6 +64,9 @@ CONNECT_PATH = "/v1/connect"
 FRAME_BUFFER = 64
 # The most a retry-after hint may keep the edge away, whatever the cloud says.
 MAX_RETRY_AFTER_S = 600.0
+# Nodes whose replica died come back to another one spread over this many seconds after its
+# lease has run out.
+REDIRECT_SPREAD_S = 2.0
 
 
 class LinkDown(Exception):
@@ -69,11 +79,23 @@ class LinkDown(Exception):
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.stable = stable
+        # The attempt followed a redirect, and ``retry_after_s`` is when the node's owner
+        # would lose it.
+        self.redirected = False
+
+
+class Redirected(LinkDown):
+    """The replica dialled does not serve this node; ``url`` does."""
+
+    def __init__(self, reason: str, url: str, retry_after_s: float | None) -> None:
+        super().__init__(reason, retry_after_s=retry_after_s)
+        self.url = url
 
 
 @dataclass
 class HubConfig:
-    """How the edge reaches the cloud. ``cloud_url`` is what ``outpost join`` was given."""
+    """How the edge reaches the cloud. ``cloud_url`` is what ``outpost join`` was given;
+    ``fallback_urls`` are other replicas of the same cloud, tried in turn when it fails."""
 
     cloud_url: str
     node: str
@@ -84,26 +106,43 @@ class HubConfig:
     stable_after_s: float = 30.0
     connect_timeout_s: float = 10.0
     max_frame: int = codec.DEFAULT_MAX_FRAME
+    fallback_urls: tuple[str, ...] = ()
 
     @property
-    def websocket_url(self) -> str:
-        parts = urlsplit(self.cloud_url)
-        scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
-        return urlunsplit((scheme, parts.netloc, CONNECT_PATH, "", ""))
+    def cloud_urls(self) -> list[str]:
+        return [self.cloud_url, *self.fallback_urls]
+
+
+def websocket_url(cloud_url: str) -> str:
+    """Where an edge connects, for a cloud at ``cloud_url`` (``https://host:port``)."""
+    parts = urlsplit(cloud_url)
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, CONNECT_PATH, "", ""))
 
 
 def retry_after_header(exc: ConnectionRejected) -> float | None:
-    for name, value in exc.headers or ():
-        if name.lower() == b"retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                return None
+    value = _header(exc, b"retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _header(exc: ConnectionRejected, name: bytes) -> bytes | None:
+    for key, value in exc.headers or ():
+        if key.lower() == name:
+            return value
     return None
 
 
 def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
     body = (exc.body or b"").decode(errors="replace").strip()[:200]
+    location = _header(exc, b"location")
+    if exc.status_code in (307, 308) and location:
+        target = cloud_url_of(location.decode(errors="replace"), url)
+        return Redirected(
+            f"cloud at {url} redirected to {target}: {body}", target, retry_after_header(exc)
+        )
     return LinkDown(
         f"cloud at {url} rejected the connection with HTTP {exc.status_code}: {body}",
         retry_after_s=retry_after_header(exc),
@@ -164,12 +203,15 @@ class EdgeHub:
         # Told the keys of objects a downstream batch changed (the pod manager reconciles).
         self.on_applied = on_applied
         self.config = config
+        self.targets = Targets(config.cloud_urls)
         self.link = link or LinkState()
         self._backoff = tenacity.wait_random_exponential(
             multiplier=config.backoff_base_s, max=config.backoff_cap_s
         )
         self._wake = trio.Event()
         self._outbox_maybe = True
+        # Whether the current attempt opened a session (then its URL is not to blame).
+        self._opened = False
         self.applied_messages = 0
         self.applied_batches = 0
 
@@ -199,6 +241,11 @@ class EdgeHub:
         wait = self._backoff(state)
         exc = state.outcome.exception() if state.outcome else None
         hint = getattr(exc, "retry_after_s", None)
+        if hint and getattr(exc, "redirected", False):
+            # The owner is gone until its lease runs out; the attempts it took to learn that
+            # must not add their backoff on top.
+            hint = min(hint, MAX_RETRY_AFTER_S)
+            return random.uniform(hint, hint + REDIRECT_SPREAD_S)
         if hint:
             hint = min(hint, MAX_RETRY_AFTER_S)
             wait = max(wait, random.uniform(hint, hint * 1.5))
@@ -239,12 +286,42 @@ class EdgeHub:
     # -- one session --------------------------------------------------------------------------
 
     async def _session(self) -> None:
+        """One attempt: dial, follow redirects, serve until the session ends."""
         started = trio.current_time()
+        first = url = self.targets.first()
+        hint: float | None = None
+        hops = 0
+        self._opened = False
+        try:
+            while True:
+                try:
+                    await self._session_at(url)
+                except Redirected as exc:
+                    log.info("redirected", extra={"from": url, "to": exc.url})
+                    if hops == MAX_REDIRECTS:
+                        raise LinkDown(
+                            f"more than {MAX_REDIRECTS} redirects: {exc.reason}"
+                        ) from exc
+                    hops += 1
+                    url, hint = exc.url, exc.retry_after_s
+                else:
+                    return
+        except LinkDown as exc:
+            if not self._opened:
+                self.targets.failed(first, answered=hops > 0)
+                if hops and hint:
+                    exc.retry_after_s = max(exc.retry_after_s or 0, hint)
+                    exc.redirected = True
+            exc.stable = trio.current_time() - started >= self.config.stable_after_s
+            raise
+
+    async def _session_at(self, cloud_url: str) -> None:
+        url = websocket_url(cloud_url)
         try:
             async with trio.open_nursery() as nursery:
-                ws = await self._connect(nursery)
+                ws = await self._connect(nursery, url)
                 try:
-                    await self._serve(ws)
+                    await self._serve(ws, cloud_url)
                 finally:
                     self.link.set(False, "disconnected")
                     nursery.cancel_scope.cancel()
@@ -252,14 +329,10 @@ class EdgeHub:
             # The WebSocket's reader task reports a rejected upgrade from inside the nursery.
             found = unwrap(group, LinkDown, ConnectionRejected)
             if isinstance(found, ConnectionRejected):
-                raise _rejected(found, self.config.websocket_url) from None
+                raise _rejected(found, url) from None
             raise found from None
-        except LinkDown as exc:
-            exc.stable = trio.current_time() - started >= self.config.stable_after_s
-            raise
 
-    async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
-        url = self.config.websocket_url
+    async def _connect(self, nursery: trio.Nursery, url: str) -> WebSocketConnection:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 443
         try:
@@ -289,10 +362,12 @@ class EdgeHub:
         except (OSError, HandshakeError, trio.BrokenResourceError) as exc:
             raise LinkDown(f"cannot connect to {url}: {exc}") from exc
 
-    async def _serve(self, ws: WebSocketConnection) -> None:
+    async def _serve(self, ws: WebSocketConnection, cloud_url: str) -> None:
         conn = await self._open(ws)
+        self._opened = True
+        self.targets.succeeded(cloud_url)
         self.link.set(True, "connected")
-        log.info("cloud link up", extra={"url": self.config.websocket_url})
+        log.info("cloud link up", extra={"url": cloud_url})
         frames_send, frames_recv = trio.open_memory_channel[bytes](FRAME_BUFFER)
         try:
             try:
