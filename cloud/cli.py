@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ import trio
 from lightkube.core.exceptions import ApiError
 
 from cloud import kube, pki, service
+from cloud.edge import ControllerSettings
 from cloud.hub.ownership import sanitize_id
 from cloud.hub.server import HubSettings
 from edge import logs
@@ -106,6 +108,28 @@ def cli(log_level: str) -> None:
     help="Append every upstream report to this JSON-lines file (audit and debugging).",
 )
 @click.option(
+    "--lease-renew-interval",
+    type=click.FloatRange(0.5, 60),
+    default=10.0,
+    show_default=True,
+    help="Seconds between renewals of a connected node's Lease in kube-node-lease; keep it"
+    " well under the controller-manager's --node-monitor-grace-period.",
+)
+@click.option(
+    "--event-qps",
+    type=click.FloatRange(0.1, 1000),
+    default=5.0,
+    show_default=True,
+    help="Events each node may write per second; more are dropped (counted in the log).",
+)
+@click.option(
+    "--event-burst",
+    type=click.IntRange(1, 10_000),
+    default=25,
+    show_default=True,
+    help="Events a node may write at once after a quiet spell.",
+)
+@click.option(
     "--replica-id",
     callback=lambda ctx, param, value: value and validate_replica_id(ctx, param, value),
     envvar="OUTPOST_CLOUD_REPLICA_ID",
@@ -127,14 +151,20 @@ def serve(
     heartbeat: float,
     max_handshakes: int,
     report_log: Path | None,
+    lease_renew_interval: float,
+    event_qps: float,
+    event_burst: int,
     replica_id: str | None,
     advertise_url: str | None,
 ) -> None:
     """Serve edge gateways until SIGTERM or Ctrl-C.
 
     Connects to Kubernetes first and exits with one line if it cannot. Creates the cloud's CA
-    (Secret outpost-system/outpost-ca) on first start. ConfigMaps labelled
-    outpost.io/node=NODE are synced to that node.
+    (Secret outpost-system/outpost-ca) on first start. A joined gateway becomes a Node
+    (label node-role.kubernetes.io/edge) whose Lease is renewed while it is connected; pods
+    scheduled to it, and the ConfigMaps, Secrets and service-account tokens they use, are
+    synced to it, and their status comes back. ConfigMaps labelled outpost.io/node=NODE are
+    synced to that node too.
     """
     options = service.ServeOptions(
         kubeconfig=kubeconfig,
@@ -143,6 +173,11 @@ def serve(
         tls_sans=list(tls_san),
         report_log=report_log,
         settings=HubSettings(heartbeat_s=heartbeat, max_handshakes=max_handshakes),
+        controller=ControllerSettings(
+            lease_renew_interval_s=lease_renew_interval,
+            event_qps=event_qps,
+            event_burst=event_burst,
+        ),
         replica_id=replica_id,
         advertise_url=advertise_url,
     )
@@ -152,6 +187,17 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}") from exc
+
+
+@cli.command()
+def rbac() -> None:
+    """Print the RBAC outpost-cloud needs, as YAML for `kubectl apply -f -`.
+
+    A namespace outpost-system, a service account outpost-cloud in it, a ClusterRole limited
+    to what the edge controller does (nodes, pods on edge nodes, the ConfigMaps, Secrets and
+    tokens they use, events, node Leases) and a Role for its own state in outpost-system.
+    """
+    click.echo(resources.files("cloud").joinpath("rbac.yaml").read_text(), nl=False)
 
 
 @cli.group()

@@ -14,7 +14,8 @@ import httpx2
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.core.exceptions import ApiError, ConfigError
-from lightkube.resources.core_v1 import Node
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Namespace, Node
 
 log = logging.getLogger(__name__)
 FIELD_MANAGER = "outpost-cloud"
@@ -59,6 +60,25 @@ async def probe(kube: AsyncClient, config: KubeConfig) -> ClusterInfo:
             f" {exc.status.reason}): {exc.status.message}"
         ) from exc
     return ClusterInfo(server=server, nodes=len(nodes))
+
+
+async def ensure_namespace(
+    kube: AsyncClient, name: str, labels: dict[str, str] | None = None
+) -> None:
+    """Create the namespace unless it exists. Read first: the service account that
+    ``outpost-cloud rbac`` sets up may read its namespace but not create namespaces."""
+    try:
+        await kube.get(Namespace, name)
+    except ApiError as exc:
+        if exc.status.code != 404:
+            raise
+    else:
+        return
+    try:
+        await kube.create(Namespace(metadata=ObjectMeta(name=name, labels=labels)))
+    except ApiError as exc:
+        if exc.status.code != 409:
+            raise
 
 
 async def delete_if(

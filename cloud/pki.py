@@ -41,9 +41,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Namespace, Secret
+from lightkube.resources.core_v1 import Secret
 
 from cloud.kube import delete_if
+from cloud.kube import ensure_namespace as kube_ensure_namespace
 from edge.identity import MAX_NODE_NAME, IdentityError, Token, ca_hash, parse_token
 
 log = logging.getLogger(__name__)
@@ -322,11 +323,7 @@ def _decode(secret: Secret) -> dict[str, bytes]:
 
 async def ensure_namespace(kube: AsyncClient) -> None:
     """Create the ``outpost-system`` namespace unless it exists."""
-    try:
-        await kube.create(Namespace(metadata=ObjectMeta(name=NAMESPACE, labels=_LABELS)))
-    except ApiError as exc:
-        if exc.status.code != 409:
-            raise
+    await kube_ensure_namespace(kube, NAMESPACE, _LABELS)
 
 
 def _ca_from_secret(secret: Secret) -> CertificateAuthority:

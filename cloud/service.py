@@ -13,11 +13,12 @@ from pathlib import Path
 import trio
 
 from cloud import bootstrap, kube, pki
+from cloud.edge import ControllerSettings, EdgeController
+from cloud.edge import metrics as controller_metrics
 from cloud.hub.metrics import HubMetrics, serve_metrics
 from cloud.hub.ownership import Ownership, default_replica_id
-from cloud.hub.reports import LogOnly, ReportLog, ReportSink
+from cloud.hub.reports import Fanout, ReportLog, ReportSink
 from cloud.hub.server import Hub, HubSettings, tune_gc
-from cloud.hub.source import ConfigMapSource
 from cloud.hub.tls import server_context
 from cloud.hub.watermarks import WatermarkStore
 from edge.identity import CA_PATH, JOIN_PATH
@@ -33,6 +34,7 @@ class ServeOptions:
     tls_sans: list[str] = field(default_factory=list)
     report_log: Path | None = None
     settings: HubSettings = field(default_factory=HubSettings)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
     # Several replicas share the nodes (cloud.hub.ownership); each needs its own id, and the
     # URL by which edges redirected to it reach it.
     replica_id: str | None = None
@@ -60,7 +62,7 @@ async def serve(options: ServeOptions) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         config = kube.load_config(options.kubeconfig)
         client = kube.client(config)
-        sink: ReportSink = LogOnly()
+        report_log: ReportLog | None = None
         try:
             info = await kube.probe(client, config)
             log.info("connected to Kubernetes", extra={"server": info.server, "nodes": info.nodes})
@@ -69,12 +71,16 @@ async def serve(options: ServeOptions) -> None:
             cert_pem, key_pem = ca.issue_server_cert(sans)
             watermarks = WatermarkStore(client)
             loaded = await watermarks.load()
+            controller = EdgeController(client, options.controller)
+            source = controller.source
+            sink: ReportSink = controller.reports
             if options.report_log is not None:
-                sink = ReportLog(options.report_log)
-            source = ConfigMapSource(client)
+                report_log = ReportLog(options.report_log)
+                sink = Fanout(controller.reports, report_log)
             settings = options.settings
             settings.host, settings.port = options.listen
             metrics = HubMetrics()
+            controller_metrics.register(metrics.registry, controller)
             ownership = Ownership(
                 client,
                 options.replica_id or default_replica_id(),
@@ -87,6 +93,7 @@ async def serve(options: ServeOptions) -> None:
                 sink=sink,
                 watermarks=watermarks,
                 metrics=metrics,
+                lifecycle=controller.nodes,
                 ownership=ownership,
                 routes={
                     CA_PATH: partial(bootstrap.serve_ca, ca=ca),
@@ -104,7 +111,7 @@ async def serve(options: ServeOptions) -> None:
             )
             tune_gc()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(source.run)
+                nursery.start_soon(controller.run)
                 await nursery.start(ownership.run)
                 await nursery.start(hub.run)
                 if options.metrics_listen is not None:
@@ -115,6 +122,6 @@ async def serve(options: ServeOptions) -> None:
                     nursery.cancel_scope.cancel()
                     break
         finally:
-            if isinstance(sink, ReportLog):
-                sink.close()
+            if report_log is not None:
+                report_log.close()
             await client.close()

@@ -6,7 +6,11 @@ test asks for it; unit tests never do, so the unit tier needs no Go build.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from lightkube import AsyncClient
@@ -25,6 +29,43 @@ def control_plane() -> Iterator[ControlPlane]:
         )
     with ControlPlane() as plane:
         yield plane
+
+
+@pytest.fixture(scope="session")
+def cloud_kubeconfig(control_plane: ControlPlane) -> dict[str, Any]:
+    """A kubeconfig (as a dict) for the service account `outpost-cloud rbac` sets up, applied
+    once per session: tests running the cloud with it show that its RBAC is enough."""
+    rbac = subprocess.run(
+        [str(Path(sys.executable).with_name("outpost-cloud")), "rbac"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    applied = subprocess.run(
+        [str(control_plane.kubectl_path), f"--kubeconfig={control_plane.kubeconfig}",
+         "apply", "-f", "-"],
+        input=rbac, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    token = control_plane.kubectl(
+        "create", "token", "outpost-cloud", "-n", "outpost-system", "--duration=6h"
+    ).stdout.strip()
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "test",
+                "cluster": {
+                    "server": control_plane.server,
+                    "certificate-authority": str(control_plane.ca_path),
+                },
+            }
+        ],
+        "users": [{"name": "outpost-cloud", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "test", "user": "outpost-cloud"}}],
+        "current-context": "c",
+    }
 
 
 @pytest.fixture

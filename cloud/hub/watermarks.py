@@ -19,10 +19,11 @@ import zlib
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import ConfigMap, Namespace
+from lightkube.resources.core_v1 import ConfigMap
 from lightkube.types import PatchType
 
 from cloud.hub.nodes import Watermark
+from cloud.kube import ensure_namespace
 
 log = logging.getLogger("cloud.hub.watermarks")
 
@@ -47,11 +48,7 @@ class WatermarkStore:
         self.writes = 0
 
     async def ensure_namespace(self) -> None:
-        try:
-            await self.kube.create(Namespace(metadata=ObjectMeta(name=self.namespace)))
-        except ApiError as exc:
-            if exc.status.code != 409:
-                raise
+        await ensure_namespace(self.kube, self.namespace)
 
     async def load(self) -> dict[str, Watermark]:
         """Read every shard; a missing shard is an empty one."""

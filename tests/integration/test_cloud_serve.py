@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -53,6 +55,42 @@ async def test_serve_connects_to_kubernetes_serves_metrics_and_stops_on_sigterm(
         assert process.returncode == 0
         with trio.fail_after(5):
             await output.wait_for(r"msg=stopping signal=SIGTERM")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_runs_with_only_the_rights_of_its_rbac(
+    control_plane: ControlPlane, cloud_kubeconfig: dict[str, Any], tmp_path: Path
+):
+    kubeconfig = tmp_path / "outpost-cloud.kubeconfig"
+    kubeconfig.write_text(json.dumps(cloud_kubeconfig))
+    metrics_port = free_port()
+    process = await start(
+        VENV_BIN / "outpost-cloud",
+        "serve",
+        "--kubeconfig",
+        kubeconfig,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+    )
+    try:
+        output = LineReader(process)
+        # CA, watermarks and replica lease in outpost-system; the informers cluster-wide.
+        with trio.fail_after(30):
+            await output.wait_for(r"msg=\"hub listening\"")
+            await output.wait_for(r"msg=\"edge source synced\"")
+        async with httpx2.AsyncClient() as http:
+            response = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert "outpost_edge_nodes_online 0.0" in response.text
+        assert 'outpost_edge_lists_total{kind="Secret"} 1.0' in response.text
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await process.wait()
+        assert process.returncode == 0
     finally:
         if process.returncode is None:
             process.kill()

@@ -4,7 +4,8 @@ The cloud side is real and in-process (``EdgeController`` + ``Hub`` over TLS Web
 edge is a real ``EdgeHub`` on a real store, but no agent: the test reads what reached the store
 and writes the reports an agent would. This is where node authorization, the Secret isolation
 and the deletion hand-shake are checked precisely; tests/integration/test_edge_nodes.py runs
-the whole system with runc.
+the whole system with runc. The controller runs as the service account of `outpost-cloud
+rbac`, so these tests also show that its RBAC suffices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 from lightkube import AsyncClient
+from lightkube.config.kubeconfig import KubeConfig
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import (
@@ -88,10 +90,22 @@ async def eventually(check: Callable[[], Any], what: str, within: float = 15) ->
 
 
 @pytest.fixture
-async def cloud(kube: AsyncClient, tmp_path: Path, nursery: trio.Nursery) -> Cloud:
+async def cloud_kube(cloud_kubeconfig: dict[str, Any]) -> AsyncIterator[AsyncClient]:
+    """A client with only the rights `outpost-cloud rbac` grants: every test here then also
+    checks that the RBAC is enough for what it exercises."""
+    config = KubeConfig.from_dict(cloud_kubeconfig)
+    client = AsyncClient(config, field_manager="outpost-cloud", trust_env=False)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def cloud(cloud_kube: AsyncClient, tmp_path: Path, nursery: trio.Nursery) -> Cloud:
     pki = Pki.create(tmp_path / "pki")
     controller = EdgeController(
-        kube, ControllerSettings(lease_renew_interval_s=0.5, event_qps=1.0, event_burst=5)
+        cloud_kube, ControllerSettings(lease_renew_interval_s=0.5, event_qps=1.0, event_burst=5)
     )
     hub = Hub(
         HubSettings(host="127.0.0.1", port=0, heartbeat_s=2),
