@@ -18,11 +18,14 @@ Each pod is a bridged (pod network) busybox looping on ``sleep``, with the defau
 account token mounted, pinned to its node by a ``kubernetes.io/hostname`` nodeSelector, so the
 scheduler places it. Pods are created at ``--rate`` per second, not all at once: the figure is
 the latency one pod sees, not how long a burst of them queues on one gateway. The time starts
-when the create request is sent (this process's monotonic clock) and ends when a watch on the
-namespace, opened before the first create, delivers the pod with phase Running and the Ready
-condition True. The watch also says when the pod was first seen bound to its node and first
-seen Running, which splits the time into scheduling, the trip to the edge and back, and
-readiness. Percentiles are nearest rank.
+when the create request is sent and ends when a watch on the namespace, opened before the first
+create, delivers the pod with phase Running and the Ready condition True. Where it went: the
+watch says when the pod was first seen bound to its node and first seen Running, and the agent's
+log when it took the pod up (``pod admitted``) and started its container; all are wall-clock
+times of this machine. A case's pods are deleted, and gone, before the next case starts.
+Percentiles are nearest rank. Each case also prints the load average: every process here
+(control plane, cloud, agents, pods) shares this machine's CPUs, and so does anything else
+running on it.
 
 The last line is ``e2e_latency p50_ms=… p99_ms=…``, taken from the case with the higher p99 (the
 line before it names that case). Target on the reference machine: p99 ≤ 2 s.
@@ -51,9 +54,9 @@ from lightkube.config.kubeconfig import KubeConfig  # noqa: E402
 from lightkube.models.meta_v1 import ObjectMeta  # noqa: E402
 from lightkube.resources.core_v1 import Namespace, Pod  # noqa: E402
 
-from bench.pod_start import ms, pct  # noqa: E402
+from bench.pod_start import ms, parse_logfmt, parse_ts, pct  # noqa: E402
 from tests.cluster.controlplane import ControlPlane  # noqa: E402
-from tests.edgekit import EdgeCluster, ready  # noqa: E402
+from tests.edgekit import EdgeCluster, EdgeNode, ready  # noqa: E402
 
 COMMAND = "while true; do sleep 1; done"
 
@@ -81,9 +84,13 @@ def manifest(name: str, node: str, image: str) -> dict[str, Any]:
 
 @dataclass
 class Sample:
+    """Wall-clock times (time.time()) of one pod's way to Ready."""
+
     node: str
     created: float = 0.0  # create request sent
     bound: float = 0.0  # first seen with spec.nodeName
+    admitted: float = 0.0  # the agent's "pod admitted" log line
+    started: float = 0.0  # the agent's "container started" log line
     running: float = 0.0  # first seen with phase Running
     ready: float = 0.0  # first seen Running and Ready
 
@@ -104,7 +111,7 @@ class Watcher:
             self.seen(pod.to_dict())
 
     def seen(self, pod: dict[str, Any]) -> None:
-        now = time.monotonic()
+        now = time.time()
         sample = self.samples.get(pod["metadata"]["name"])
         if sample is None:
             return
@@ -134,19 +141,20 @@ async def run_case(
     await client.create(Namespace(metadata=ObjectMeta(name=namespace)))
     watcher = Watcher(client, namespace)
     names = [f"p{i:03d}" for i in range(pods)]
+    load = os.getloadavg()[0]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watcher.run)
-        started = time.monotonic()
+        started = time.time()
         for i, name in enumerate(names):
             # A fixed schedule: a slow create does not push the later ones back.
-            await trio.sleep(max(0.0, started + i / rate - time.monotonic()))
+            await trio.sleep(max(0.0, started + i / rate - time.time()))
             node = nodes[i % len(nodes)]
             watcher.samples[name] = sample = Sample(node)
-            sample.created = time.monotonic()
+            sample.created = time.time()
             pod = Pod.from_dict(manifest(name, node, cluster.image))
             nursery.start_soon(partial(client.create, pod, namespace=namespace))
         try:
-            with trio.fail_after(120):
+            with trio.fail_after(120 + pods / rate):
                 await watcher.all_ready(names)
         except trio.TooSlowError:
             late = [n for n in names if not watcher.samples[n].ready]
@@ -155,18 +163,48 @@ async def run_case(
             raise
         nursery.cancel_scope.cancel()
     samples = [watcher.samples[n] for n in names]
+    for node in nodes:
+        edge_times(cluster[node], namespace, watcher.samples)
     total = [s.ready - s.created for s in samples]
     print(f"{title}: {pods} pods, {rate:g}/s, on {len(nodes)} node(s)")
     steps = (
         ("created → Running and Ready", total),
         ("created → bound (scheduler)", [s.bound - s.created for s in samples]),
-        ("bound → Running (cloud, edge, report)", [s.running - s.bound for s in samples]),
-        ("Running → Ready", [s.ready - s.running for s in samples]),
+        ("bound → admitted on the edge (cloud down)", [s.admitted - s.bound for s in samples]),
+        ("admitted → container started (edge)", [s.started - s.admitted for s in samples]),
+        ("started → Running seen (status up)", [s.running - s.started for s in samples]),
+        ("Running → Ready seen", [s.ready - s.running for s in samples]),
     )
     for what, values in steps:
-        print(f"  {what:<38} {spread(values)}")
-    await cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+        print(f"  {what:<42} {spread(values)}")
+    print(
+        f"  load average (1 min) {load:.1f} before, {os.getloadavg()[0]:.1f} after,"
+        f" on {os.cpu_count()} CPUs"
+    )
+    # The next case starts on a quiet cluster: these pods are stopped and gone first.
+    await client.delete(Namespace, namespace)
+    with trio.move_on_after(120):
+        while [p async for p in client.list(Pod, namespace=namespace)]:  # noqa: ASYNC110
+            await trio.sleep(1)
     return total
+
+
+def edge_times(node: EdgeNode, namespace: str, samples: dict[str, Sample]) -> None:
+    """When the agent took each pod up and started its container, from its own log (the same
+    wall clock as ours, millisecond resolution)."""
+    assert node.log is not None
+    for line in node.log.read_text(errors="replace").splitlines():
+        fields = parse_logfmt(line)
+        pod = fields.get("pod", "")
+        if not pod.startswith(f"{namespace}/Pod/") or "ts" not in fields:
+            continue
+        sample = samples.get(pod.rsplit("/", 1)[1])
+        if sample is None:
+            continue
+        if fields.get("msg") == "pod admitted" and not sample.admitted:
+            sample.admitted = parse_ts(fields["ts"])
+        elif fields.get("msg") == "container started" and not sample.started:
+            sample.started = parse_ts(fields["ts"])
 
 
 def spread(values: list[float]) -> str:

@@ -4,7 +4,7 @@ its own network namespace, joined the way a person joins a gateway.
 ``EdgeCluster`` is what end-to-end tests, ``bench/e2e_latency.py`` and ``make demo`` use::
 
     async with EdgeCluster(control_plane, tmp_path, ["gw-1"]) as cluster:
-        await cluster.apply(deployment("app", "gw-1", cluster.image, replicas=2))
+        await cluster.apply(deployment("app", cluster.image, node="gw-1", replicas=2))
         await cluster.until(lambda: ..., "the pods run")
         cluster["gw-1"].cut()
 
@@ -276,18 +276,24 @@ class EdgeCluster:
         await node.edge.wait_online()
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if exc is not None and not isinstance(exc, KeyboardInterrupt | trio.Cancelled):
+        # A test's fail_after shows up here as Cancelled: a timeout wants the logs too.
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
             with trio.CancelScope(shield=True):
                 print(await self.diagnostics(), flush=True)
         with trio.CancelScope(shield=True):
-            for node in self.nodes.values():
-                await node.edge.stop()
-                await node.force_clean()
+            async with trio.open_nursery() as nursery:
+                for node in self.nodes.values():
+                    nursery.start_soon(self._stop_node, node)
             for name in self.nodes:
                 await self.kubectl("delete", "node", name, "--ignore-not-found", check=False)
             if self.cloud is not None:
                 await self.cloud.stop()
             self._stack.close()
+
+    @staticmethod
+    async def _stop_node(node: EdgeNode) -> None:
+        await node.edge.stop()
+        await node.force_clean()
 
     # -- Kubernetes ----------------------------------------------------------------------
 
