@@ -31,6 +31,7 @@ from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.version import __version__
 from edge.wire.events import Op
+from edge.wire.keys import node_key
 
 if TYPE_CHECKING:
     from edge.hub.client import EdgeHub, HubConfig
@@ -286,7 +287,7 @@ async def _report_node(
     while True:
         body = await read()
         if due or body != last:
-            await hub.report(Op.STATUS, f"/Node/{node}", body)
+            await hub.report(Op.STATUS, node_key(node), body)
             log.info(
                 "node status reported",
                 extra={"conditions": {c["type"]: c["status"] for c in body["conditions"]}},

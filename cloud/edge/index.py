@@ -24,9 +24,9 @@ from typing import Any
 
 from cloud.edge.refs import Ref, TokenSpec, object_body, pod_body, references, token_specs
 from cloud.hub.nodes import SourceObject
+from edge.wire.keys import TOKEN_KIND, object_key
 
 NODE_LABEL = "outpost.io/node"
-TOKEN_KIND = "ServiceAccountToken"
 
 Publish = Callable[[str, SourceObject, bool], None]
 # (kind, namespace, name)
@@ -47,7 +47,7 @@ class PodEntry:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/Pod/{self.name}"
+        return object_key(self.namespace, "Pod", self.name)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,10 @@ class EdgeIndex:
             namespace=namespace,
             name=meta["name"],
             obj=SourceObject(
-                uid, f"{namespace}/Pod/{meta['name']}", meta["resourceVersion"], pod_body(pod)
+                uid,
+                object_key(namespace, "Pod", meta["name"]),
+                meta["resourceVersion"],
+                pod_body(pod),
             ),
             refs=references(pod),
             tokens=token_specs(pod),
@@ -144,7 +147,7 @@ class EdgeIndex:
         resourceVersion, so a restarted cloud always sends tokens again."""
         obj = SourceObject(
             f"token-{pod_uid}",
-            f"{namespace}/{TOKEN_KIND}/{name}",
+            object_key(namespace, TOKEN_KIND, name),
             version,
             {
                 "metadata": {"name": name, "namespace": namespace, "uid": pod_uid},
@@ -162,7 +165,7 @@ class EdgeIndex:
         meta = obj["metadata"]
         oid = (kind, meta.get("namespace", "default"), meta["name"])
         labelled = (meta.get("labels") or {}).get(NODE_LABEL, "") if kind == "ConfigMap" else ""
-        key = f"{oid[1]}/{kind}/{oid[2]}"
+        key = object_key(oid[1], kind, oid[2])
         entry = ObjectEntry(
             SourceObject(meta["uid"], key, meta["resourceVersion"], object_body(kind, obj)),
             labelled,

@@ -33,18 +33,13 @@ from cloud.edge.nodes import NodeKeeper
 from cloud.edge.retry import retrying
 from cloud.kube import delete_if
 from edge.wire.events import Message, Op
+from edge.wire.keys import NODE_PREFIX, node_key, split_key
 
 log = logging.getLogger("cloud.edge.reports")
 
 
 class Refused(Exception):
     """A node asked to write what it may not."""
-
-
-def split_key(key: str) -> tuple[str, str, str]:
-    namespace, _, rest = key.partition("/")
-    kind, _, name = rest.partition("/")
-    return namespace, kind, name
 
 
 class KubeReports:
@@ -116,7 +111,7 @@ class KubeReports:
         body = message.body if isinstance(message.body, dict) else {}
         async with self._limiter:
             try:
-                if message.key.startswith("/Node/"):
+                if message.key.startswith(NODE_PREFIX):
                     await self._node_status(node, message, body)
                     return
                 entry = self._own_pod(node, message)
@@ -131,7 +126,7 @@ class KubeReports:
                 )
 
     async def _node_status(self, node: str, message: Message, body: dict[str, Any]) -> None:
-        if message.key != f"/Node/{node}":
+        if message.key != node_key(node):
             raise Refused("a node may write only its own Node")
         async for attempt in retrying():
             with attempt:

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from edge.wire.events import Message, Op
+from edge.wire.keys import inventory_key
 from edge.wire.window import CoalescingQueue, InFlight, Pending, QueueFull, ReceiveWindow
 
 
@@ -151,7 +152,7 @@ class NodeStream:
                 queued += 1
         self.queue.offer(
             f"sync:{self.name}",
-            Pending(f"sync@{time.time_ns()}", Op.SYNC, f"/Inventory/{self.name}", "", sorted(keys)),
+            Pending(f"sync@{time.time_ns()}", Op.SYNC, inventory_key(self.name), "", sorted(keys)),
             force=True,
         )
         self.kick()

@@ -33,6 +33,7 @@ from edge.pods.supervisor import (
     pod_key,
 )
 from edge.pods.volumes import VolumeError
+from edge.wire.keys import TOKEN_KIND
 
 log = logging.getLogger("edge.pods")
 
@@ -66,7 +67,7 @@ class PodManager:
         for key in keys:
             namespace, _, rest = key.partition("/")
             kind, _, name = rest.partition("/")
-            if kind in ("ConfigMap", "Secret", "ServiceAccountToken"):
+            if kind in ("ConfigMap", "Secret", TOKEN_KIND):
                 changed.add((namespace, kind, name))
         if not changed:
             return

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, ROUND_UP, Context, Decimal
 from typing import Any, NamedTuple
 
+from edge.wire.keys import TOKEN_KIND
+
 
 class ContainerConfigError(Exception):
     """A container cannot be configured from what the node holds.
@@ -279,7 +281,7 @@ def referenced_objects(pod: Mapping[str, Any]) -> set[tuple[str, str]]:
             if source.get("secret") is not None:
                 found.add(("Secret", source["secret"].get("name") or ""))
             if source.get("serviceAccountToken") is not None:
-                found.add(("ServiceAccountToken", (pod.get("metadata") or {}).get("name") or ""))
+                found.add((TOKEN_KIND, (pod.get("metadata") or {}).get("name") or ""))
     for container in all_containers(pod):
         for source in container.get("envFrom") or ():
             if source.get("configMapRef") is not None:

@@ -29,6 +29,7 @@ from edge.pods.network import PodNetwork, host_network_sandbox
 from edge.pods.podspec import ContainerConfigError, Resolver, pod_hostname, validate_pod
 from edge.pods.status import ContainerStatus
 from edge.pods.supervisor import ANNOTATION_CONTAINER, ANNOTATION_POD
+from edge.wire.keys import TOKEN_KIND
 
 log = logging.getLogger("edge.pods")
 
@@ -137,7 +138,7 @@ class ContainerRuntime:
         namespace = pod["metadata"].get("namespace", "default")
         tokens = None
         if self.cloud_tokens:
-            found = await self.objects("ServiceAccountToken", namespace)
+            found = await self.objects(TOKEN_KIND, namespace)
             tokens = found.get(pod["metadata"]["name"], {})
         return Resolver(
             configmaps=await self.objects("ConfigMap", namespace),

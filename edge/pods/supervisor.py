@@ -43,6 +43,7 @@ from edge.pods.status import (
     should_restart,
 )
 from edge.pods.volumes import VolumeError
+from edge.wire.keys import object_key
 
 log = logging.getLogger("edge.pods")
 
@@ -57,7 +58,7 @@ _PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff")
 
 def pod_key(pod: dict[str, Any]) -> str:
     meta = pod["metadata"]
-    return f"{meta.get('namespace', 'default')}/Pod/{meta['name']}"
+    return object_key(meta.get("namespace", "default"), "Pod", meta["name"])
 
 
 def container_hash(container: dict[str, Any]) -> str:

@@ -1,0 +1,58 @@
+"""The keys and bodies of sync messages: the contract between the edge and the cloud.
+
+A key names an object as ``namespace/Kind/name``; a key that starts with ``/`` names something
+of the node itself. The edge owns this module and the cloud imports it.
+
+Downstream (cloud → edge, ``put``/``delete``), what a node holds:
+
+- ``ns/Pod/name``: each pod bound to the node, ``{"apiVersion", "kind", "metadata", "spec"}``.
+  Metadata keeps name, namespace, uid, labels, annotations, ownerReferences, generateName,
+  creationTimestamp, and, once deletion began, ``deletionTimestamp`` and
+  ``deletionGracePeriodSeconds`` (which then beats ``spec.terminationGracePeriodSeconds``).
+- ``ns/ConfigMap/name`` and ``ns/Secret/name``: the objects the node's pods name (volumes,
+  projected sources, env, envFrom, imagePullSecrets), and ConfigMaps labelled
+  ``outpost.io/node: NODE``. Never a Secret no pod on the node names.
+- ``ns/ServiceAccountToken/<pod name>``: the tokens of the pod's projected
+  ``serviceAccountToken`` sources, ``{"metadata": {name, namespace, uid: <pod uid>}, "tokens":
+  [{"audience" ("" for the apiserver's own), "expirationSeconds" (default 3600), "token",
+  "expirationTimestamp"}]}``, renewed at 80% of their lifetime.
+- ``/Inventory/<node>`` (``sync``): every key the node should hold.
+
+Upstream (edge → cloud reports):
+
+- ``status`` ``ns/Pod/name``: ``{"uid", "status": <PodStatus>, "stopped": true?}``, coalesced
+  per pod. ``stopped`` is said once the pod's containers have stopped and it was torn down (or,
+  for a pod deleted before it ever ran here, at once); for a pod being deleted, the cloud then
+  deletes it with grace period 0. After every reconnect each pod reports again.
+- ``status`` ``/Node/<node>``: ``{"labels", "capacity", "allocatable", "nodeInfo",
+  "addresses", "conditions"}``, at start, on every reconnect and each minute it changed.
+- ``event`` ``ns/Pod/name``: ``{"uid", "reason", "message", "type" (Normal|Warning),
+  "fieldPath", "time"}``, one report per event (never coalesced).
+
+A node may report only about itself and its own pods; the cloud refuses and logs anything else.
+"""
+
+from __future__ import annotations
+
+NODE_PREFIX = "/Node/"
+INVENTORY_PREFIX = "/Inventory/"
+TOKEN_KIND = "ServiceAccountToken"
+
+
+def object_key(namespace: str, kind: str, name: str) -> str:
+    return f"{namespace}/{kind}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``(namespace, kind, name)`` of an object key; empty strings where it has none."""
+    namespace, _, rest = key.partition("/")
+    kind, _, name = rest.partition("/")
+    return namespace, kind, name
+
+
+def node_key(node: str) -> str:
+    return NODE_PREFIX + node
+
+
+def inventory_key(node: str) -> str:
+    return INVENTORY_PREFIX + node
