@@ -5,7 +5,7 @@ Secrets and service-account tokens they refer to, and ConfigMaps labelled for it
 the hub. Upstream, ``reports.KubeReports`` writes pod status, node status and events, and
 finishes pod deletions; ``nodes.NodeKeeper`` keeps each connected node's Node and Lease.
 
-The keys and bodies exchanged with the edge are described in ``docs/wire.md``.
+The keys and bodies exchanged with the edge are described in ``edge.wire.keys``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class EdgeController:
         )
         self.events = EventRecorder(kube, qps=settings.event_qps, burst=settings.event_burst)
         self.reports = KubeReports(kube, self.source.index, self.nodes, self.events)
+        # As a kubelet does: a Node deleted while its gateway is connected is made again.
+        self.source.on_node_deleted = self.nodes.register
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -107,6 +107,12 @@ class NodeKeeper:
 
     def connected(self, node: str, hello: Hello, remote: str) -> None:
         self.online[node] = remote
+        self.register(node)
+
+    def register(self, node: str) -> None:
+        """Create or update the Node of a connected node, in the background."""
+        if node not in self.online:
+            return
         try:
             self._send.send_nowait(node)
         except trio.WouldBlock:

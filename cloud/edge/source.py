@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -52,6 +53,7 @@ class EdgeSource:
         self.index = EdgeIndex(self._publish)
         self.ready = trio.Event()
         self.edge_nodes: set[str] = set()
+        self.on_node_deleted: Callable[[str], None] | None = None
         # Pods waiting for their tokens: uid -> latest version seen.
         self.waiting: dict[str, dict[str, Any]] = {}
         self._token_due: dict[str, float] = {}  # pod uid -> when to renew (trio clock)
@@ -121,7 +123,10 @@ class EdgeSource:
                 self._want_tolerations(pod.uid)
 
     def _delete_node(self, node: dict[str, Any]) -> None:
-        self.edge_nodes.discard(node["metadata"]["name"])
+        name = node["metadata"]["name"]
+        self.edge_nodes.discard(name)
+        if self.on_node_deleted is not None:
+            self.on_node_deleted(name)
 
     # -- pods ---------------------------------------------------------------------------------
 

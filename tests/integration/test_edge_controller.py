@@ -212,6 +212,18 @@ async def test_a_connected_node_is_registered_and_its_lease_renewed_until_it_lea
         assert conditions["DiskPressure"].status == "True"
         assert conditions["Ready"].status == "True"
 
+        # Deleted while its gateway is connected, the Node comes back (as with a kubelet).
+        uid = found.metadata.uid
+        await kube.delete(Node, node)
+
+        async def recreated() -> bool:
+            try:
+                return (await kube.get(Node, node)).metadata.uid != uid
+            except ApiError:
+                return False
+
+        await eventually(recreated, "the deleted Node is registered again")
+
         first = (await kube.get(Lease, node, namespace="kube-node-lease")).spec.renewTime
         await eventually(
             lambda: _renewed_after(kube, node, first), "the lease is renewed", within=5
