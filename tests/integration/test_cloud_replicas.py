@@ -390,3 +390,37 @@ async def test_a_killed_replica_loses_no_message_and_its_nodes_reconnect_to_the_
         await a.stop()
         await b.stop()
         await kube.delete(Namespace, ns_name)
+
+
+async def test_a_replica_stopped_cleanly_hands_its_nodes_over_at_once(
+    control_plane: ControlPlane, kube: AsyncClient, tmp_path: Path
+) -> None:
+    a = Replica(control_plane, tmp_path / "ra", "stop-ra")
+    b = Replica(control_plane, tmp_path / "rb", "stop-rb")
+    await a.start()
+    await b.start()
+    edges = [Edge(f"gw-stop-{i}", tmp_path / "edges") for i in range(2)]
+    try:
+        for edge in edges:
+            await edge.join(a)
+            await start_edge(edge, [a.url, b.url])
+            await edge.wait_online()
+        for edge in edges:
+            assert await holder(kube, "outpost-system", edge.node) == "stop-ra"
+        await a.stop()
+        stopped = trio.current_time()
+        # It wrote its last watermarks and deleted its replica lease: nothing to wait out.
+        with trio.fail_after(10):
+            for edge in edges:
+                await edge.runs[-1].wait_for(rf"msg=\"cloud link up\" url={re.escape(b.url)}")
+        elapsed = trio.current_time() - stopped
+        print(f"clean replica stop: nodes served by the other after {elapsed:.1f} s")
+        assert elapsed < 5
+        for edge in edges:
+            assert await holder(kube, "outpost-system", edge.node) == "stop-rb"
+        assert not any("redirecting" in line for line in b.runs[-1].lines)
+    finally:
+        for edge in edges:
+            await edge.stop()
+        await a.stop()
+        await b.stop()
