@@ -194,6 +194,10 @@ class NodeKeeper:
                 await self.kube.patch(
                     Node, node, {"metadata": {"labels": labels}}, patch_type=PatchType.MERGE
                 )
+            if report is None:
+                # Ready waits for the edge's first report (which follows its session's start at
+                # once): a Node must not look schedulable before its capacity and labels are in.
+                return
             previous = {
                 c["type"]: (c.get("status", ""), c.get("lastTransitionTime", ""))
                 for c in (current.get("status") or {}).get("conditions") or ()
@@ -201,10 +205,9 @@ class NodeKeeper:
             status: dict[str, Any] = {
                 "conditions": node_conditions(report, previous, node in self.online, now_seconds())
             }
-            if report is not None:
-                for field in ("capacity", "allocatable", "nodeInfo", "addresses"):
-                    if field in report:
-                        status[field] = report[field]
+            for field in ("capacity", "allocatable", "nodeInfo", "addresses"):
+                if field in report:
+                    status[field] = report[field]
             await self.kube.patch(NodeStatus, node, {"status": status}, patch_type=PatchType.MERGE)
 
     async def _create(self, node: str, labels: dict[str, str]) -> dict[str, Any]:

@@ -174,18 +174,20 @@ async def test_a_connected_node_is_registered_and_its_lease_renewed_until_it_lea
     node = node_name()
     async with agent(cloud, tmp_path / "a.db", node) as edge:
 
-        async def ready() -> bool:
+        async def registered() -> Any:
             try:
-                found = await kube.get(Node, node)
+                return await kube.get(Node, node)
             except ApiError:
-                return False
-            conditions = {c.type: c.status for c in (found.status.conditions or [])}
-            return conditions.get("Ready") == "True"
+                return None
 
-        await eventually(ready, "the node is registered and Ready")
-        labels = (await kube.get(Node, node)).metadata.labels
+        found = await eventually(registered, "the node is registered")
+        labels = found.metadata.labels
         assert labels["node-role.kubernetes.io/edge"] == ""
         assert labels["outpost.io/edge"] == "true"
+        # Not Ready (so not schedulable) before the edge has said what it has.
+        await trio.sleep(0.5)
+        found = await kube.get(Node, node)
+        assert "Ready" not in {c.type for c in found.status.conditions or []}
 
         edge.report(
             Op.STATUS,
