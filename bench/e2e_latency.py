@@ -1,7 +1,7 @@
 """End-to-end pod start latency on edge nodes: from a pod created in the apiserver to the pod
 Running and Ready as the apiserver tells it.
 
-Usage: .venv/bin/python bench/e2e_latency.py [--pods 100] [--nodes 10] [--rate 5]   (as root)
+Usage: .venv/bin/python bench/e2e_latency.py [--pods 100] [--nodes 10] [--rate 2]   (as root)
 
 Everything is real and local: the test control plane (apiserver, scheduler, controller-manager;
 ``tests/cluster``), `outpost-cloud serve`, and ``--nodes`` `outpost run` agents, each in its own
@@ -241,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=100, help="pods in each case")
     parser.add_argument("--nodes", type=int, default=10, help="edge nodes in the second case")
-    parser.add_argument("--rate", type=float, default=5, help="pods created per second")
+    parser.add_argument("--rate", type=float, default=2, help="pods created per second")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("runc and network namespaces need root")

@@ -73,7 +73,8 @@ async def running_pods(
 
     async def check() -> list[dict[str, Any]] | None:
         pods = await cluster.pods(namespace, f"app={app}")
-        if len(pods) == count and all(ready(p) for p in pods):
+        live = [p for p in pods if ready(p) and not p["metadata"].get("deletionTimestamp")]
+        if len(pods) == len(live) == count:
             return pods
         return None
 
@@ -84,7 +85,7 @@ async def edge_containers(node: EdgeNode, pods: list[dict[str, Any]]) -> dict[st
     """The node's runc containers, which must be exactly those of ``pods``, all running."""
     uids = {p["metadata"]["uid"] for p in pods}
     containers = await node.containers()
-    assert {cid.rsplit("-", 1)[0] for cid in containers} == uids
+    assert owners(containers) == uids
     assert {c["status"] for c in containers.values()} == {"running"}
     return containers
 
@@ -203,8 +204,12 @@ async def test_a_deployment_runs_scales_rolls_and_deletes_on_the_edge(
 
 
 async def edge_containers_match(node: EdgeNode, pods: list[dict[str, Any]]) -> bool:
-    uids = {p["metadata"]["uid"] for p in pods}
-    return {cid.rsplit("-", 1)[0] for cid in await node.containers()} == uids
+    return owners(await node.containers()) == {p["metadata"]["uid"] for p in pods}
+
+
+def owners(containers: dict[str, Any]) -> set[str]:
+    """The pod UIDs of runc containers (their ids are ``<pod uid>-<container name>``)."""
+    return {cid[:36] for cid in containers}
 
 
 def config_pod(name: str, image: str, node: str) -> dict[str, Any]:
