@@ -12,8 +12,8 @@ holds and hands every change to the hub. Two things happen on the way:
 - Pods on Outpost nodes are given an unlimited NoExecute toleration of the unreachable and
   not-ready taints, so a gateway that goes offline keeps its pods (see ``refs``).
 
-``rv`` is the resourceVersion up to which every change has been handed to the hub: the lowest
-position among the watches, held below any pod still waiting for its tokens.
+``positions`` says, for each kind, up to which resourceVersion every change has been handed to
+the hub; the pods' is held below any pod still waiting for its tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from lightkube.types import PatchType
 from cloud.edge.index import EdgeIndex
 from cloud.edge.informer import Informer
 from cloud.edge.refs import TokenSpec, autonomous_tolerations, token_specs
-from cloud.hub.nodes import SourceObject, rv_number
+from cloud.hub.nodes import Positions, SourceObject, rv_number
 from cloud.hub.source import Sink
 
 log = logging.getLogger("cloud.edge")
@@ -80,13 +80,15 @@ class EdgeSource:
     # -- what the hub asks ------------------------------------------------------------------
 
     @property
-    def rv(self) -> int:
-        rv = min(informer.rv for informer in self.informers)
+    def positions(self) -> Positions:
+        """Each watched kind's position; a pod waiting for its tokens holds the pods' back.
+        Tokens have none: a restarted cloud always sends them again."""
+        marks = {informer.kind: informer.rv for informer in self.informers}
         for pod in self.waiting.values():
             number = rv_number(pod["metadata"]["resourceVersion"])
             if number is not None:
-                rv = min(rv, number - 1)
-        return rv
+                marks["Pod"] = min(marks["Pod"], number - 1)
+        return marks
 
     def objects(self, node: str) -> list[SourceObject]:
         return self.index.objects_for(node)

@@ -6,10 +6,14 @@ exactly where the edge's acknowledgements left off.
 
 A cloud restart loses that memory. What survives is the node's ``Watermark``, persisted in
 batches: the next sequence number, the last acknowledged one, the last upstream report applied,
-and ``rv``: a Kubernetes resourceVersion such that the edge has acknowledged every change to its
-objects up to it. On restart the hub sends only objects changed after ``rv``, plus one
-``sync`` message listing every key the node should hold (which covers deletions it missed), so a
-restart does not resend everything.
+and ``rv``: for each kind of object, a Kubernetes resourceVersion such that the edge has
+acknowledged every change to its objects of that kind up to it. On restart the hub sends only
+objects changed after it, plus one ``sync`` message listing every key the node should hold
+(which covers deletions it missed), so a restart does not resend everything.
+
+Positions are kept per kind because each kind is a separate watch: a watch of pods that has seen
+nothing lately says nothing about how far the ConfigMaps have got, so one position for all would
+stay where the quietest watch last spoke. ``"*"`` is the position of kinds not named.
 
 resourceVersions are compared as integers. Kubernetes calls them opaque, but the apiserver backed
 by etcd issues increasing integers; a version that is not one is always resent.
@@ -25,8 +29,18 @@ from typing import Any
 import trio
 
 from edge.wire.events import Message, Op
-from edge.wire.keys import inventory_key
+from edge.wire.keys import inventory_key, split_key
 from edge.wire.window import CoalescingQueue, InFlight, Pending, QueueFull, ReceiveWindow
+
+# kind -> resourceVersion; ANY_KIND holds the position of kinds not listed.
+Positions = dict[str, int]
+ANY_KIND = "*"
+
+
+def position(positions: Positions | None, kind: str) -> int:
+    if not positions:
+        return 0
+    return positions.get(kind, positions.get(ANY_KIND, 0))
 
 
 def rv_number(rv: str) -> int | None:
@@ -45,16 +59,20 @@ class SourceObject:
     rv: str
     body: Any
 
+    @property
+    def kind(self) -> str:
+        return split_key(self.key)[1]
+
 
 @dataclass(frozen=True)
 class Watermark:
     next_seq: int
     acked: int
-    rv: int
+    rv: Positions
     upstream: int
     epoch: str = ""
 
-    def to_json(self) -> dict[str, int | str]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "next": self.next_seq,
             "acked": self.acked,
@@ -68,10 +86,17 @@ class Watermark:
         return cls(
             int(data["next"]),
             int(data["acked"]),
-            int(data["rv"]),
+            _positions(data["rv"]),
             int(data["up"]),
             str(data.get("epoch", "")),
         )
+
+
+def _positions(data: Any) -> Positions:
+    # A watermark written before positions were kept per kind holds one number for all.
+    if isinstance(data, dict):
+        return {str(kind): int(number) for kind, number in data.items()}
+    return {ANY_KIND: int(data)}
 
 
 @dataclass
@@ -84,13 +109,13 @@ class NodeStream:
     receiver: ReceiveWindow
     # The edge store this stream is with (``Hello.epoch``).
     epoch: str = ""
-    # The oldest resourceVersion each pending change stands for: queued ones by UID, numbered
-    # ones by seq. The watermark's ``rv`` stays below all of them.
-    queued_rv: dict[str, int] = field(default_factory=dict)
-    inflight_rv: dict[int, int] = field(default_factory=dict)
+    # The kind and oldest resourceVersion each pending change stands for: queued ones by UID,
+    # numbered ones by seq. The watermark's position of each kind stays below all of them.
+    queued_rv: dict[str, tuple[str, int]] = field(default_factory=dict)
+    inflight_rv: dict[int, tuple[str, int]] = field(default_factory=dict)
     sent_at: dict[int, float] = field(default_factory=dict)
     # While an overflowed queue awaits its resync, the watermark may not pass where it was.
-    floor_rv: int | None = None
+    floor_rv: Positions | None = None
     dirty: bool = True
     overflowed: bool = False
     wake: trio.Event = field(default_factory=trio.Event)
@@ -129,16 +154,18 @@ class NodeStream:
         except QueueFull:
             # Never block the source for one slow node, and never drop a change silently:
             # forget the queue and send the node everything once it catches up.
-            self.floor_rv = self.watermark(0).rv
+            # Changes of any kind are ignored from now until the resync.
+            pending = [n for _, n in (*self.queued_rv.values(), *self.inflight_rv.values())]
+            self.floor_rv = {ANY_KIND: min(pending) - 1 if pending else 0}
             self.overflowed = True
             self.queue = CoalescingQueue(self.queue.capacity)
             self.queued_rv.clear()
             return
         number = rv_number(obj.rv)
-        self.queued_rv.setdefault(obj.uid, 0 if number is None else number)
+        self.queued_rv.setdefault(obj.uid, (obj.kind, 0 if number is None else number))
         self.kick()
 
-    def resync(self, objects: Iterable[SourceObject], since_rv: int | None = None) -> int:
+    def resync(self, objects: Iterable[SourceObject], since_rv: Positions | None = None) -> int:
         """Queue every object changed after ``since_rv`` (all when None), then the inventory."""
         self.overflowed = False
         self.floor_rv = None
@@ -147,7 +174,7 @@ class NodeStream:
         for obj in objects:
             keys.append(obj.key)
             number = rv_number(obj.rv)
-            if since_rv is None or number is None or number > since_rv:
+            if since_rv is None or number is None or number > position(since_rv, obj.kind):
                 self.offer(obj, force=True)
                 queued += 1
         self.queue.offer(
@@ -180,16 +207,18 @@ class NodeStream:
         self.dirty = True
         return latencies
 
-    def watermark(self, source_rv: int) -> Watermark:
-        """What to persist; ``source_rv`` is the last resourceVersion the source processed."""
-        pending = [*self.queued_rv.values(), *self.inflight_rv.values()]
-        rv = min(pending) - 1 if pending else source_rv
+    def watermark(self, source_rv: Positions) -> Watermark:
+        """What to persist; ``source_rv`` is how far the source has processed each kind."""
+        marks = dict(source_rv)
+        for kind, number in (*self.queued_rv.values(), *self.inflight_rv.values()):
+            marks[kind] = min(position(marks, kind), number - 1)
         if self.floor_rv is not None:
-            rv = min(rv, self.floor_rv)
+            for kind in {*marks, *self.floor_rv}:
+                marks[kind] = min(position(marks, kind), position(self.floor_rv, kind))
         return Watermark(
             self.inflight.next_seq,
             self.inflight.acked,
-            max(rv, 0),
+            {kind: max(number, 0) for kind, number in marks.items()},
             self.receiver.applied_seq,
             self.epoch,
         )

@@ -41,7 +41,7 @@ from trio_websocket import (
 )
 
 from cloud.hub.metrics import HubMetrics
-from cloud.hub.nodes import NodeStream, SourceObject, Watermark
+from cloud.hub.nodes import NodeStream, Positions, SourceObject, Watermark
 from cloud.hub.ownership import Elsewhere, Ownership, OwnershipUnavailable
 from cloud.hub.reports import LogOnly, ReportSink
 from cloud.hub.watermarks import WatermarkStore
@@ -72,8 +72,12 @@ Route = Callable[[WebSocketConnection], Awaitable[None]]
 
 
 class Source(Protocol):
-    rv: int
     ready: trio.Event
+
+    @property
+    def positions(self) -> Positions:
+        """How far the source has processed each kind (for resume watermarks)."""
+        ...
 
     def objects(self, node: str) -> list[SourceObject]: ...
 
@@ -188,8 +192,8 @@ class Hub:
     def _objects(self, node: str) -> list[SourceObject]:
         return self.source.objects(node) if self.source else []
 
-    def _source_rv(self) -> int:
-        return self.source.rv if self.source else 0
+    def _source_rv(self) -> Positions:
+        return self.source.positions if self.source else {}
 
     def collect_watermarks(self) -> dict[str, Watermark]:
         """The watermarks changed since last collected (for the flusher)."""

@@ -1,9 +1,10 @@
 """Where the hub's objects come from, and where changes to them go.
 
 The hub asks its source for a node's objects (``objects``) when it resyncs the node, and reads
-``rv`` for resume watermarks; the source calls ``publish`` on its sink (the hub) for every
-change. In the service the source is ``cloud.edge.source.EdgeSource`` (Kubernetes);
-``MemorySource`` holds objects in memory for the hub benchmark and for tests about the channel.
+``positions`` (how far it has got, per kind) for resume watermarks; the source calls
+``publish`` on its sink (the hub) for every change. In the service the source is
+``cloud.edge.source.EdgeSource`` (Kubernetes); ``MemorySource`` holds objects in memory for
+the hub benchmark and for tests about the channel.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 
 import trio
 
-from cloud.hub.nodes import SourceObject
+from cloud.hub.nodes import ANY_KIND, Positions, SourceObject
 
 
 class Sink(Protocol):
@@ -29,6 +30,10 @@ class MemorySource:
         self.ready.set()
         self.rv = 0
         self.by_node: dict[str, dict[str, SourceObject]] = {}
+
+    @property
+    def positions(self) -> Positions:
+        return {ANY_KIND: self.rv}
 
     def objects(self, node: str) -> list[SourceObject]:
         return list(self.by_node.get(node, {}).values())
