@@ -95,15 +95,8 @@ async def test_a_joined_edge_is_a_ready_node_with_labels_capacity_and_a_renewed_
 ) -> None:
     with trio.fail_after(120):
         async with EdgeCluster(control_plane, tmp_path, ["reg-gw"]) as cluster:
-            await cluster.node_ready("reg-gw")
-
-            async def reported() -> dict[str, Any] | None:
-                # The cloud can write Ready a moment before the edge's first node report
-                # lands (a known race): what a person sees right after is what counts.
-                node = await cluster.get("node", "reg-gw")
-                return node if "kubernetes.io/arch" in node["metadata"]["labels"] else None
-
-            node = await cluster.until(reported, "the node carries the edge's report", within=10)
+            # Ready only once the edge's report is in: labels and capacity come with it.
+            node = await cluster.node_ready("reg-gw")
             labels = node["metadata"]["labels"]
             assert EDGE_ROLE_LABEL in labels
             assert labels["kubernetes.io/arch"] == "amd64"
