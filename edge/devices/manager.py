@@ -45,10 +45,11 @@ from edge.devices.twin import UNKNOWN, DeviceTwin, Read, Report, Write
 from edge.store.aio import AsyncStore
 from edge.store.store import StoreError
 from edge.wire.events import Op
+from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND, split_key
 
 log = logging.getLogger("edge.devices")
 
-DEVICE_KINDS = ("Device", "DeviceModel")
+DEVICE_KINDS = (DEVICE_KIND, DEVICE_MODEL_KIND)
 INDEX_KEY = "devices"
 VIEW_SAVE_S = 10.0
 DEFAULT_RESYNC_S = 30.0
@@ -311,9 +312,7 @@ class DeviceManager:
     def changed(self, keys: Iterable[str] | None = None) -> None:
         """Store keys that changed (None: anything may have): Devices and DeviceModels among
         them make the manager read its source again."""
-        if keys is None or any(
-            key.split("/")[1:2] in (["Device"], ["DeviceModel"]) for key in keys
-        ):
+        if keys is None or any(split_key(key)[1] in DEVICE_KINDS for key in keys):
             self._wake.set()
 
     def report_again(self) -> None:

@@ -16,6 +16,11 @@ Downstream (cloud → edge, ``put``/``delete``), what a node holds:
   ``serviceAccountToken`` sources, ``{"metadata": {name, namespace, uid: <pod uid>}, "tokens":
   [{"audience" ("" for the apiserver's own), "expirationSeconds" (default 3600), "token",
   "expirationTimestamp"}]}``, renewed at 80% of their lifetime.
+- ``ns/Device/name``: each Device whose ``spec.nodeName`` is the node, and ``ns/DeviceModel/name``:
+  the DeviceModels those Devices name (nothing else), ``{"apiVersion", "kind", "metadata":
+  {name, namespace, uid, labels, annotations}, "spec"}`` (``devices.outpost.io/v1beta1``,
+  field-compatible with KubeEdge's ``devices.kubeedge.io``). Desired property values travel in
+  the Device's ``spec.properties[].desired``.
 - ``/Inventory/<node>`` (``sync``): every key the node should hold.
 
 Upstream (edge → cloud reports):
@@ -28,8 +33,20 @@ Upstream (edge → cloud reports):
   "addresses", "conditions"}``, at start, on every reconnect and each minute it changed.
 - ``event`` ``ns/Pod/name``: ``{"uid", "reason", "message", "type" (Normal|Warning),
   "fieldPath", "time"}``, one report per event (never coalesced).
+- ``twin`` ``ns/Device/name``: ``{"uid", "state" (online|offline|unknown), "lastOnlineTime"
+  (RFC 3339, "" before the device ever answered), "twins": [{"propertyName", "reported":
+  {"value" (text), "metadata": {"timestamp" (unix ms, as text), "type"}}?, "observedDesired":
+  {same}?}], "reasons": [{"property" ("" for the device), "reason", "message"}]}``, shaped like
+  DeviceStatus ``status``; coalesced per device (latest wins), so the latest value of every
+  property survives any outage. A Device the edge cannot run reports state ``unknown``, no
+  twins, and why in ``reasons``.
+- ``telemetry`` ``ns/Device/name``: ``{"uid", "property", "value" (typed: number, bool or
+  string), "time" (unix ms)}``, one per reading that moved beyond the property's deadband; never
+  coalesced (each has its own coalescing key), and the first reports the outbox drops when
+  short of space: the bounded history.
 
-A node may report only about itself and its own pods; the cloud refuses and logs anything else.
+A node may report only about itself, its own pods and its own devices; the cloud refuses and
+logs anything else.
 """
 
 from __future__ import annotations
@@ -37,6 +54,8 @@ from __future__ import annotations
 NODE_PREFIX = "/Node/"
 INVENTORY_PREFIX = "/Inventory/"
 TOKEN_KIND = "ServiceAccountToken"
+DEVICE_KIND = "Device"
+DEVICE_MODEL_KIND = "DeviceModel"
 
 
 def object_key(namespace: str, kind: str, name: str) -> str:
