@@ -14,6 +14,8 @@ import trio
 from lightkube.core.exceptions import ApiError
 
 from cloud import kube, pki, service
+from cloud.devices import crds
+from cloud.devices.telemetry import parse_mqtt_url
 from cloud.edge import ControllerSettings
 from cloud.hub.ownership import sanitize_id
 from cloud.hub.server import HubSettings
@@ -30,6 +32,16 @@ def validate_replica_id(ctx: click.Context, param: click.Parameter, value: str) 
             f"{value!r} is not a valid replica id: use lower-case letters, digits, '-' and '.',"
             " starting and ending with a letter or digit"
         )
+    return value
+
+
+def validate_mqtt_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        parse_mqtt_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (for example mqtt://127.0.0.1:1883)") from exc
     return value
 
 
@@ -130,6 +142,28 @@ def cli(log_level: str) -> None:
     help="Events a node may write at once after a quiet spell.",
 )
 @click.option(
+    "--device-status-interval",
+    type=click.FloatRange(0.1, 3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between writes of one device's DeviceStatus; reports in between are"
+    " coalesced (the latest is written).",
+)
+@click.option(
+    "--device-status-qps",
+    type=click.FloatRange(0.1, 10_000),
+    default=20.0,
+    show_default=True,
+    help="DeviceStatus writes per second for all devices together.",
+)
+@click.option(
+    "--telemetry-mqtt",
+    callback=validate_mqtt_url,
+    envvar="OUTPOST_CLOUD_TELEMETRY_MQTT",
+    help="mqtt://HOST:PORT to publish device telemetry to (topic"
+    " outpost/telemetry/NODE/NAMESPACE/DEVICE); without it telemetry is counted and dropped.",
+)
+@click.option(
     "--replica-id",
     callback=lambda ctx, param, value: value and validate_replica_id(ctx, param, value),
     envvar="OUTPOST_CLOUD_REPLICA_ID",
@@ -154,6 +188,9 @@ def serve(
     lease_renew_interval: float,
     event_qps: float,
     event_burst: int,
+    device_status_interval: float,
+    device_status_qps: float,
+    telemetry_mqtt: str | None,
     replica_id: str | None,
     advertise_url: str | None,
 ) -> None:
@@ -164,7 +201,8 @@ def serve(
     (label node-role.kubernetes.io/edge) whose Lease is renewed while it is connected; pods
     scheduled to it, and the ConfigMaps, Secrets and service-account tokens they use, are
     synced to it, and their status comes back. ConfigMaps labelled outpost.io/node=NODE are
-    synced to that node too.
+    synced to that node too. Installs (or upgrades) the device CRDs first; each node gets the
+    Devices bound to it and their DeviceModels, and its twin reports become DeviceStatus.
     """
     options = service.ServeOptions(
         kubeconfig=kubeconfig,
@@ -177,6 +215,9 @@ def serve(
             lease_renew_interval_s=lease_renew_interval,
             event_qps=event_qps,
             event_burst=event_burst,
+            device_status_interval_s=device_status_interval,
+            device_status_qps=device_status_qps,
+            telemetry_mqtt=telemetry_mqtt,
         ),
         replica_id=replica_id,
         advertise_url=advertise_url,
@@ -195,9 +236,45 @@ def rbac() -> None:
 
     A namespace outpost-system, a service account outpost-cloud in it, a ClusterRole limited
     to what the edge controller does (nodes, pods on edge nodes, the ConfigMaps, Secrets and
-    tokens they use, events, node Leases) and a Role for its own state in outpost-system.
+    tokens they use, events, node Leases, the device CRDs, Devices, DeviceModels and
+    DeviceStatus) and a Role for its own state in outpost-system.
     """
     click.echo(resources.files("cloud").joinpath("rbac.yaml").read_text(), nl=False)
+
+
+@cli.command("install-crds")
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Kubeconfig to reach Kubernetes with (default: in-cluster, then $KUBECONFIG).",
+)
+@click.option(
+    "--print", "print_only", is_flag=True, help="Print the CRDs as YAML instead of installing."
+)
+def install_crds(kubeconfig: Path | None, print_only: bool) -> None:
+    """Create or upgrade the Device, DeviceModel and DeviceStatus CRDs (devices.outpost.io).
+
+    `serve` does this itself when it starts; this is for installing them ahead of it, or with
+    other credentials. A CRD already as this version defines it is left alone.
+    """
+    if print_only:
+        click.echo(crds.yaml_text(), nl=False)
+        return
+    try:
+        outcome = trio.run(_install_crds, kubeconfig)
+    except kube.KubeUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name, what in outcome.items():
+        click.echo(f"{name} {what}")
+
+
+async def _install_crds(kubeconfig: Path | None) -> dict[str, str]:
+    config = kube.load_config(kubeconfig)
+    client = kube.client(config)
+    try:
+        return await service.install_crds(client, config.get().cluster.server)
+    finally:
+        await client.close()
 
 
 @cli.group()

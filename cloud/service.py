@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import httpx2
 import trio
+from lightkube import AsyncClient
+from lightkube.core.exceptions import ApiError
 
 from cloud import bootstrap, kube, pki
+from cloud.devices import crds
 from cloud.edge import ControllerSettings, EdgeController
 from cloud.edge import metrics as controller_metrics
 from cloud.hub.metrics import HubMetrics, serve_metrics
@@ -57,6 +61,23 @@ def default_sans(listen_host: str) -> list[str]:
     return names
 
 
+async def install_crds(client: AsyncClient, server: str) -> dict[str, str]:
+    """Create or upgrade the device CRDs; KubeUnavailable (one readable line) if refused."""
+    try:
+        outcome = await crds.install(client)
+    except ApiError as exc:
+        raise kube.KubeUnavailable(
+            f"Kubernetes at {server} refused to install the device CRDs ({exc.status.code}"
+            f" {exc.status.reason}): {exc.status.message}"
+        ) from exc
+    except httpx2.TransportError as exc:
+        raise kube.KubeUnavailable(f"cannot reach Kubernetes at {server}: {exc}") from exc
+    except trio.TooSlowError as exc:
+        raise kube.KubeUnavailable("the device CRDs were not established within 60 s") from exc
+    log.info("device CRDs installed", extra=outcome)
+    return outcome
+
+
 async def serve(options: ServeOptions) -> None:
     # Signals first: a SIGTERM during start-up must stop us cleanly, not kill us half-started.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -67,6 +88,8 @@ async def serve(options: ServeOptions) -> None:
             info = await kube.probe(client, config)
             log.info("connected to Kubernetes", extra={"server": info.server, "nodes": info.nodes})
             ca = await pki.load_or_create_ca(client)
+            await install_crds(client, config.get().cluster.server)
+            options.controller.install_crds = False  # done: the controller need not again
             sans = sorted({*default_sans(options.listen[0]), *options.tls_sans})
             cert_pem, key_pem = ca.issue_server_cert(sans)
             watermarks = WatermarkStore(client)

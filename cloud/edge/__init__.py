@@ -1,24 +1,33 @@
 """The edge controller: edge nodes in Kubernetes, in both directions.
 
 Downstream, ``source.EdgeSource`` decides what each node holds (its pods, the ConfigMaps,
-Secrets and service-account tokens they refer to, and ConfigMaps labelled for it) and feeds
-the hub. Upstream, ``reports.KubeReports`` writes pod status, node status and events, and
-finishes pod deletions; ``nodes.NodeKeeper`` keeps each connected node's Node and Lease.
+Secrets and service-account tokens they refer to, ConfigMaps labelled for it, its Devices and
+their DeviceModels) and feeds the hub. Upstream, ``reports.KubeReports`` writes pod status,
+node status and events, finishes pod deletions, and hands device twins to the DeviceStatus
+writer and readings to the telemetry sink (``cloud.devices``); ``nodes.NodeKeeper`` keeps each
+connected node's Node and Lease.
 
 The keys and bodies exchanged with the edge are described in ``edge.wire.keys``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import trio
 from lightkube import AsyncClient
 
-from cloud.edge.events import EventRecorder
+from cloud.devices import API_VERSION, crds
+from cloud.devices.status import DeviceStatusWriter
+from cloud.devices.telemetry import DropTelemetry, MqttTelemetry, TelemetrySink
+from cloud.edge.events import EventRecorder, PodEvent, _now
+from cloud.edge.index import DeviceEntry
 from cloud.edge.nodes import NodeKeeper
 from cloud.edge.reports import KubeReports
 from cloud.edge.source import EdgeSource
+
+log = logging.getLogger("cloud.edge")
 
 
 @dataclass
@@ -27,6 +36,14 @@ class ControllerSettings:
     lease_duration_s: int = 40
     event_qps: float = 5.0
     event_burst: int = 25
+    # DeviceStatus: at most one write per device per interval, and at most qps in all.
+    device_status_interval_s: float = 2.0
+    device_status_qps: float = 20.0
+    device_status_burst: int = 40
+    # mqtt://host:port for device telemetry; None: counted and dropped.
+    telemetry_mqtt: str | None = None
+    # Create or upgrade the device CRDs before watching (``serve`` does it itself, first).
+    install_crds: bool = True
 
 
 class EdgeController:
@@ -39,12 +56,59 @@ class EdgeController:
             lease_duration_s=settings.lease_duration_s,
         )
         self.events = EventRecorder(kube, qps=settings.event_qps, burst=settings.event_burst)
-        self.reports = KubeReports(kube, self.source.index, self.nodes, self.events)
+        self.device_status = DeviceStatusWriter(
+            kube,
+            interval_s=settings.device_status_interval_s,
+            qps=settings.device_status_qps,
+            burst=settings.device_status_burst,
+            current=self._device_uid,
+        )
+        self.telemetry: TelemetrySink = (
+            MqttTelemetry(settings.telemetry_mqtt) if settings.telemetry_mqtt else DropTelemetry()
+        )
+        self.reports = KubeReports(
+            kube,
+            self.source.index,
+            self.nodes,
+            self.events,
+            device_status=self.device_status,
+            telemetry=self.telemetry,
+        )
+        self.kube = kube
+        self.settings = settings
         # As a kubelet does: a Node deleted while its gateway is connected is made again.
         self.source.on_node_deleted = self.nodes.register
+        self.source.on_device_problem = self._device_problem
+        self.source.on_device_deleted = self.device_status.forget
+
+    def _device_uid(self, namespace: str, name: str) -> str | None:
+        entry = self.source.index.device(namespace, name)
+        return entry.uid if entry else None
+
+    def _device_problem(self, device: DeviceEntry, reason: str, message: str) -> None:
+        self.events.record(
+            PodEvent(
+                node=device.node,
+                namespace=device.namespace,
+                pod=device.name,
+                uid=device.uid,
+                reason=reason,
+                message=message,
+                type="Warning",
+                field_path="spec.deviceModelRef",
+                time=_now(),
+                kind="Device",
+                api_version=API_VERSION,
+            )
+        )
 
     async def run(self) -> None:
+        if self.settings.install_crds:
+            outcome = await crds.install(self.kube)
+            log.info("device CRDs", extra=outcome)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.device_status.run)
+            nursery.start_soon(self.telemetry.run)
             nursery.start_soon(self.source.run)
             nursery.start_soon(self.nodes.run)
             nursery.start_soon(self.events.run)

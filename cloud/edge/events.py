@@ -60,6 +60,9 @@ class PodEvent:
     type: str
     field_path: str
     time: str
+    # The object the event is about: a pod unless said otherwise (a Device, say).
+    kind: str = "Pod"
+    api_version: str = "v1"
 
     @property
     def similar(self) -> tuple[str, ...]:
@@ -160,8 +163,8 @@ class EventRecorder:
                 {
                     "metadata": {"name": name, "namespace": event.namespace},
                     "involvedObject": {
-                        "kind": "Pod",
-                        "apiVersion": "v1",
+                        "kind": event.kind,
+                        "apiVersion": event.api_version,
                         "namespace": event.namespace,
                         "name": event.pod,
                         "uid": event.uid,

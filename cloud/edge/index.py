@@ -6,7 +6,11 @@ A node holds:
   node when its first pod there needs it and leaves when its last one stops needing it: a
   Secret no pod on the node names never reaches it;
 - the service-account tokens of its pods;
-- ConfigMaps labelled ``outpost.io/node: NODE`` (configuration for the gateway itself).
+- ConfigMaps labelled ``outpost.io/node: NODE`` (configuration for the gateway itself);
+- the Devices bound to it (``spec.nodeName``, which unlike a pod's may change: a device moved
+  leaves its old node) and the DeviceModels they refer to, counted per node like the objects
+  pods use. A Device whose model does not exist still goes to its node, which reports why it
+  cannot use it; ``missing_model`` says so for the cloud's own event.
 
 Every change to what a node holds is handed to ``publish(node, object, deleted)``, objects a pod
 needs before the pod itself. A change that leaves the body the edge holds as it was (a status
@@ -22,11 +26,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cloud.devices import resource_body
 from cloud.edge.refs import Ref, TokenSpec, object_body, pod_body, references, token_specs
 from cloud.hub.nodes import SourceObject
-from edge.wire.keys import TOKEN_KIND, object_key
+from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND, TOKEN_KIND, object_key
 
 NODE_LABEL = "outpost.io/node"
+
+DEVICE = DEVICE_KIND
+DEVICE_MODEL = DEVICE_MODEL_KIND
 
 Publish = Callable[[str, SourceObject, bool], None]
 # (kind, namespace, name)
@@ -51,6 +59,24 @@ class PodEntry:
 
 
 @dataclass(frozen=True)
+class DeviceEntry:
+    uid: str
+    node: str
+    namespace: str
+    name: str
+    model: str  # the DeviceModel's name, in the device's namespace ("" when it names none)
+    obj: SourceObject
+
+    @property
+    def key(self) -> str:
+        return object_key(self.namespace, DEVICE, self.name)
+
+    @property
+    def model_id(self) -> ObjectId:
+        return (DEVICE_MODEL, self.namespace, self.model)
+
+
+@dataclass(frozen=True)
 class ObjectEntry:
     obj: SourceObject
     labelled_for: str  # the node of an ``outpost.io/node`` label, or ""
@@ -65,6 +91,8 @@ class EdgeIndex:
         self.tokens: dict[str, SourceObject] = {}  # pod uid -> token object
         self.needed: dict[str, Counter[ObjectId]] = {}  # node -> objects its pods refer to
         self.held: dict[str, dict[str, SourceObject]] = {}  # node -> uid -> what it holds
+        self.devices: dict[str, DeviceEntry] = {}
+        self.device_keys: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid
 
     # -- what the hub asks ------------------------------------------------------------------
 
@@ -113,11 +141,8 @@ class EdgeIndex:
         self.pod_keys[(namespace, entry.name)] = uid
         old_ids = _ids(old.namespace, old.refs) if old else set()
         new_ids = _ids(namespace, entry.refs)
-        needed = self.needed.setdefault(node, Counter())
         for oid in new_ids - old_ids:
-            needed[oid] += 1
-            if needed[oid] == 1 and oid in self.objects:
-                self._hold(node, self.objects[oid].obj)
+            self._need(node, oid)
         if uid in self.tokens:
             self._hold(node, self.tokens[uid])
         self._hold(node, entry.obj)
@@ -159,17 +184,76 @@ class EdgeIndex:
         if entry is not None:
             self._hold(entry.node, obj)
 
-    # -- ConfigMaps and Secrets ----------------------------------------------------------------
+    # -- devices -----------------------------------------------------------------------------
+
+    def device(self, namespace: str, name: str) -> DeviceEntry | None:
+        uid = self.device_keys.get((namespace, name))
+        return self.devices.get(uid) if uid else None
+
+    def devices_using(self, namespace: str, model: str) -> list[DeviceEntry]:
+        return [d for d in self.devices.values() if d.model_id == (DEVICE_MODEL, namespace, model)]
+
+    def missing_model(self, entry: DeviceEntry) -> bool:
+        """The device names no DeviceModel, or one that does not exist (as watched)."""
+        return not entry.model or entry.model_id not in self.objects
+
+    def put_device(self, device: Mapping[str, Any]) -> DeviceEntry | None:
+        """A Device was added or changed; one bound to no node is no node's."""
+        meta = device["metadata"]
+        uid = meta["uid"]
+        spec = device.get("spec") or {}
+        node = spec.get("nodeName") or ""
+        old = self.devices.get(uid)
+        if not node:
+            self.remove_device(uid)
+            return None
+        if old is not None and old.node != node:
+            self.remove_device(uid)  # moved: it leaves the old node, with its model if unused
+            old = None
+        namespace = meta.get("namespace", "default")
+        entry = DeviceEntry(
+            uid=uid,
+            node=node,
+            namespace=namespace,
+            name=meta["name"],
+            model=str((spec.get("deviceModelRef") or {}).get("name") or ""),
+            obj=SourceObject(
+                uid,
+                object_key(namespace, DEVICE, meta["name"]),
+                meta["resourceVersion"],
+                resource_body(DEVICE, device),
+            ),
+        )
+        self.devices[uid] = entry
+        self.device_keys[(namespace, entry.name)] = uid
+        if old is None or old.model_id != entry.model_id:
+            if entry.model:
+                self._need(node, entry.model_id)
+            if old is not None and old.model:
+                self._release_ref(node, old.model_id)
+        self._hold(node, entry.obj)
+        return entry
+
+    def remove_device(self, uid: str) -> DeviceEntry | None:
+        entry = self.devices.pop(uid, None)
+        if entry is None:
+            return None
+        if self.device_keys.get((entry.namespace, entry.name)) == uid:
+            del self.device_keys[(entry.namespace, entry.name)]
+        self._drop(entry.node, uid)
+        if entry.model:
+            self._release_ref(entry.node, entry.model_id)
+        return entry
+
+    # -- ConfigMaps, Secrets and DeviceModels ----------------------------------------------------
 
     def put_object(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
         oid = (kind, meta.get("namespace", "default"), meta["name"])
         labelled = (meta.get("labels") or {}).get(NODE_LABEL, "") if kind == "ConfigMap" else ""
         key = object_key(oid[1], kind, oid[2])
-        entry = ObjectEntry(
-            SourceObject(meta["uid"], key, meta["resourceVersion"], object_body(kind, obj)),
-            labelled,
-        )
+        body = resource_body(kind, obj) if kind == DEVICE_MODEL else object_body(kind, obj)
+        entry = ObjectEntry(SourceObject(meta["uid"], key, meta["resourceVersion"], body), labelled)
         old = self.objects.get(oid)
         self.objects[oid] = entry
         if old is not None and old.obj.uid != entry.obj.uid:
@@ -201,6 +285,12 @@ class EdgeIndex:
         if entry is not None and entry.labelled_for:
             nodes.add(entry.labelled_for)
         return nodes
+
+    def _need(self, node: str, oid: ObjectId) -> None:
+        needed = self.needed.setdefault(node, Counter())
+        needed[oid] += 1
+        if needed[oid] == 1 and oid in self.objects:
+            self._hold(node, self.objects[oid].obj)
 
     def _release_ref(self, node: str, oid: ObjectId) -> None:
         needed = self.needed.get(node)

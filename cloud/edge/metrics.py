@@ -30,6 +30,20 @@ class ControllerCollector(Collector):
             ("outpost_edge_events_dropped", "Events dropped by the per-node rate limit.",
              c.events.dropped),
             ("outpost_edge_lease_renewals", "Node Lease renewals.", c.nodes.renewals),
+            ("outpost_device_twin_reports", "Device twin reports accepted from edges.",
+             c.reports.twins),
+            ("outpost_device_status_writes", "DeviceStatus writes to Kubernetes.",
+             c.device_status.writes),
+            ("outpost_device_status_coalesced",
+             "Twin reports replaced by a newer one before being written.",
+             c.device_status.coalesced),
+            ("outpost_device_status_failures", "DeviceStatus writes that failed.",
+             c.device_status.failed),
+            ("outpost_device_telemetry_published", "Telemetry readings published to MQTT.",
+             c.telemetry.published),
+            ("outpost_device_telemetry_dropped",
+             "Telemetry readings dropped (no sink configured, or the MQTT queue full).",
+             c.telemetry.dropped),
         )  # fmt: skip
         for name, text, value in counters:
             yield CounterMetricFamily(name, text, value=value)
@@ -48,6 +62,15 @@ class ControllerCollector(Collector):
         yield GaugeMetricFamily(
             "outpost_edge_pods", "Pods bound to nodes, as watched.", value=len(c.source.index.pods)
         )
+        yield GaugeMetricFamily(
+            "outpost_device_status_pending",
+            "Devices whose latest twin waits for its turn to be written.",
+            value=c.device_status.pending,
+        )
+        yield GaugeMetricFamily(
+            "outpost_edge_devices", "Devices bound to nodes, as watched.",
+            value=len(c.source.index.devices),
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "outpost_edge_pods_awaiting_tokens",
             "Pods held back until their service-account tokens are issued.",

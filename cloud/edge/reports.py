@@ -6,12 +6,18 @@
   batch only the last is written. A report saying the pod has ``stopped`` after its deletion
   began finishes the deletion: the pod is deleted with grace period 0, for that uid only.
 - Events: handed to ``cloud.edge.events``.
+- ``twin`` ``namespace/Device/name``: the device's reported state, handed to
+  ``cloud.devices.status`` (coalesced and rate-limited there; the latest of a batch only).
+- ``telemetry`` ``namespace/Device/name``: readings, handed to the telemetry sink
+  (``cloud.devices.telemetry``: MQTT, or counted and dropped).
 
-Node authorization: a node may write its own Node and the status and events of pods bound to
-it; anything else is refused and logged, and acknowledged (sending it again would not make it
-allowed). A write the apiserver refuses for a lasting reason is logged and dropped; a transient
-failure is retried until it succeeds or the session ends, and the report stays unacknowledged
-meanwhile, so the edge keeps it.
+Node authorization: a node may write its own Node, the status and events of pods bound to
+it, and the twins and telemetry of devices bound to it (``spec.nodeName``); anything else is
+refused and logged, and acknowledged (sending it again would not make it allowed). A write the
+apiserver refuses for a lasting reason is logged and dropped; a transient failure is retried
+until it succeeds or the session ends, and the report stays unacknowledged meanwhile, so the
+edge keeps it. Twins are the exception: they are acknowledged once pending in the DeviceStatus
+writer (``cloud.devices.status`` says why).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Pod, PodStatus
 from lightkube.types import PatchType
 
+from cloud.devices.status import DeviceStatusWriter
+from cloud.devices.telemetry import DropTelemetry, Reading, TelemetrySink
 from cloud.edge.events import EventRecorder, event_from_report
-from cloud.edge.index import EdgeIndex, PodEntry
+from cloud.edge.index import DEVICE, DeviceEntry, EdgeIndex, PodEntry
 from cloud.edge.nodes import NodeKeeper
 from cloud.edge.retry import retrying
 from cloud.kube import delete_if
@@ -50,12 +58,17 @@ class KubeReports:
         nodes: NodeKeeper,
         events: EventRecorder,
         *,
+        device_status: DeviceStatusWriter | None = None,
+        telemetry: TelemetrySink | None = None,
         concurrency: int = 32,
     ) -> None:
         self.kube = kube
         self.index = index
         self.nodes = nodes
         self.events = events
+        self.device_status = device_status or DeviceStatusWriter(kube)
+        self.telemetry: TelemetrySink = telemetry or DropTelemetry()
+        self.twins = 0
         self.refused = 0
         self.pod_writes = 0
         self.deleted = 0
@@ -66,14 +79,26 @@ class KubeReports:
 
     async def apply(self, node: str, messages: Sequence[Message]) -> None:
         statuses: dict[str, Message] = {}
+        twins: dict[str, Message] = {}
+        readings: list[Reading] = []
         for message in messages:
             if message.op == Op.STATUS:
                 statuses[message.key] = message
             elif message.op == Op.EVENT:
                 self._event(node, message)
+            elif message.op == Op.TWIN:
+                twins[message.key] = message
+            elif message.op == Op.TELEMETRY:
+                reading = self._reading(node, message)
+                if reading is not None:
+                    readings.append(reading)
+        for message in twins.values():
+            self._twin(node, message)
         async with trio.open_nursery() as nursery:
             for message in statuses.values():
                 nursery.start_soon(self._status, node, message)
+            if readings:
+                nursery.start_soon(self.telemetry.publish, readings)
 
     def _refuse(self, node: str, message: Message, why: str) -> None:
         self.refused += 1
@@ -97,6 +122,42 @@ class KubeReports:
         if body.get("uid") != entry.uid:
             return None
         return entry
+
+    def _own_device(self, node: str, message: Message) -> DeviceEntry | None:
+        """The device a report is about, if it is bound to this node; None when it is gone or
+        is another one by now. Raises Refused for another node's device."""
+        namespace, kind, name = split_key(message.key)
+        if kind != DEVICE or not namespace or not name:
+            raise Refused("not a device")
+        entry = self.index.device(namespace, name)
+        if entry is None:
+            return None
+        if entry.node != node:
+            raise Refused(f"device is bound to node {entry.node!r}")
+        body = message.body if isinstance(message.body, dict) else {}
+        if body.get("uid") != entry.uid:
+            return None
+        return entry
+
+    def _twin(self, node: str, message: Message) -> None:
+        try:
+            entry = self._own_device(node, message)
+        except Refused as exc:
+            self._refuse(node, message, str(exc))
+            return
+        if entry is not None:
+            self.twins += 1
+            self.device_status.offer(node, entry.namespace, entry.name, entry.uid, message.body)
+
+    def _reading(self, node: str, message: Message) -> Reading | None:
+        try:
+            entry = self._own_device(node, message)
+        except Refused as exc:
+            self._refuse(node, message, str(exc))
+            return None
+        if entry is None:
+            return None
+        return Reading(node, entry.namespace, entry.name, message.body)
 
     def _event(self, node: str, message: Message) -> None:
         try:

@@ -1,14 +1,18 @@
 """The edge controller's view of Kubernetes: what each edge node must hold.
 
 Informers watch the Outpost nodes (label ``outpost.io/edge``), the pods bound to any node,
-and the ConfigMaps and Secrets; ``cloud.edge.index.EdgeIndex`` decides which of them each node
-holds and hands every change to the hub. Two things happen on the way:
+the ConfigMaps and Secrets, and the Devices and DeviceModels; ``cloud.edge.index.EdgeIndex``
+decides which of them each node holds and hands every change to the hub. Three things happen
+on the way:
 
 - Pods whose projected volumes need service-account tokens wait until their tokens have been
   issued (the TokenRequest API, bound to the pod), so the edge gets token and pod together.
   Tokens are renewed at 80% of their lifetime. A token that cannot be issued (no such service
   account, say) does not hold the pod back for more than one attempt: the edge then reports
   why the volume cannot be made.
+- A Device whose DeviceModel does not exist still goes to its node (which reports why it
+  cannot use it); ``on_device_problem`` is told once per device and missing model, for a
+  Warning event on the Device.
 - Pods on Outpost nodes are given an unlimited NoExecute toleration of the unreachable and
   not-ready taints, so a gateway that goes offline keeps its pods (see ``refs``).
 
@@ -33,7 +37,8 @@ from lightkube.operators import not_equal
 from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, ServiceAccountToken
 from lightkube.types import PatchType
 
-from cloud.edge.index import EdgeIndex
+from cloud.devices import Device, DeviceModel
+from cloud.edge.index import DEVICE_MODEL, DeviceEntry, EdgeIndex
 from cloud.edge.informer import Informer
 from cloud.edge.refs import TokenSpec, autonomous_tolerations, token_specs
 from cloud.hub.nodes import Positions, SourceObject, rv_number
@@ -54,6 +59,11 @@ class EdgeSource:
         self.ready = trio.Event()
         self.edge_nodes: set[str] = set()
         self.on_node_deleted: Callable[[str], None] | None = None
+        # (device, reason, message): a Device its node cannot use as it stands.
+        self.on_device_problem: Callable[[DeviceEntry, str, str], None] | None = None
+        # (namespace, name) of a Device deleted.
+        self.on_device_deleted: Callable[[str, str], None] | None = None
+        self._missing_model: dict[str, str] = {}  # device uid -> the missing model, once said
         # Pods waiting for their tokens: uid -> latest version seen.
         self.waiting: dict[str, dict[str, Any]] = {}
         self._token_due: dict[str, float] = {}  # pod uid -> when to renew (trio clock)
@@ -67,6 +77,8 @@ class EdgeSource:
                      delete=lambda o: self._delete_object("ConfigMap", o)),
             Informer(kube, Secret, put=lambda o: self._put_object("Secret", o),
                      delete=lambda o: self._delete_object("Secret", o)),
+            Informer(kube, Device, put=self._put_device, delete=self._delete_device),
+            Informer(kube, DeviceModel, put=self._put_model, delete=self._delete_model),
         ]  # fmt: skip
         self.nodes_informer = Informer(
             kube,
@@ -110,9 +122,15 @@ class EdgeSource:
             for informer in (self.nodes_informer, *self.informers):
                 await informer.ready.wait()
             self.ready.set()
+            for device in list(self.index.devices.values()):
+                self._check_model(device)
             log.info(
                 "edge source synced",
-                extra={"pods": len(self.index.pods), "objects": len(self.index.objects)},
+                extra={
+                    "pods": len(self.index.pods),
+                    "objects": len(self.index.objects),
+                    "devices": len(self.index.devices),
+                },
             )
 
     # -- nodes --------------------------------------------------------------------------------
@@ -163,6 +181,57 @@ class EdgeSource:
     def _delete_object(self, kind: str, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
         self.index.remove_object(kind, meta.get("namespace", "default"), meta["name"])
+
+    # -- devices and their models -------------------------------------------------------------
+
+    def _put_device(self, device: dict[str, Any]) -> None:
+        entry = self.index.put_device(device)
+        if entry is None:
+            self._missing_model.pop(device["metadata"]["uid"], None)
+        else:
+            self._check_model(entry)
+
+    def _delete_device(self, device: dict[str, Any]) -> None:
+        meta = device["metadata"]
+        self._missing_model.pop(meta["uid"], None)
+        self.index.remove_device(meta["uid"])
+        if self.on_device_deleted is not None:
+            self.on_device_deleted(meta.get("namespace", "default"), meta["name"])
+
+    def _put_model(self, model: dict[str, Any]) -> None:
+        self.index.put_object(DEVICE_MODEL, model)
+        meta = model["metadata"]
+        for device in self.index.devices_using(meta.get("namespace", "default"), meta["name"]):
+            self._check_model(device)
+
+    def _delete_model(self, model: dict[str, Any]) -> None:
+        meta = model["metadata"]
+        namespace = meta.get("namespace", "default")
+        self.index.remove_object(DEVICE_MODEL, namespace, meta["name"])
+        for device in self.index.devices_using(namespace, meta["name"]):
+            self._check_model(device)
+
+    def _check_model(self, device: DeviceEntry) -> None:
+        """Tell ``on_device_problem`` once when a device's model is missing (only once every
+        kind is listed: before that, a model not seen yet may just not be listed yet)."""
+        if not self.ready.is_set():
+            return
+        if not self.index.missing_model(device):
+            self._missing_model.pop(device.uid, None)
+            return
+        if self._missing_model.get(device.uid) == device.model:
+            return
+        self._missing_model[device.uid] = device.model
+        if device.model:
+            message = (
+                f"DeviceModel {device.namespace}/{device.model} does not exist; the device is"
+                f" sent to node {device.node}, which cannot use it until the model exists"
+            )
+        else:
+            message = "spec.deviceModelRef.name is empty; the device cannot be used without a model"
+        log.warning("device model missing", extra={"device": device.key, "model": device.model})
+        if self.on_device_problem is not None:
+            self.on_device_problem(device, "ModelNotFound", message)
 
     # -- tokens -------------------------------------------------------------------------------
 
