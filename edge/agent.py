@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import trio
 
 from edge import node_info
+from edge.devices.drivers import Buses
+from edge.devices.manager import DeviceManager, ManifestDevices
 from edge.images import ImageStore
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
@@ -47,6 +49,8 @@ OUTBOX_POLL_S = 1.0
 IMAGE_GC_INTERVAL_S = 600.0
 # The node's status goes up at start, on every reconnect, and this often when it changed.
 NODE_STATUS_INTERVAL_S = 60.0
+# How often standalone mode reads Devices from the manifests folder again.
+MANIFEST_DEVICES_RESYNC_S = 5.0
 
 
 class AgentError(Exception):
@@ -93,6 +97,7 @@ async def run(options: RunOptions) -> None:
             folder = ManifestFolder(options.manifests, node) if options.manifests else None
             services = _pod_services(options, aio, node, folder, lambda: hub)
             manager = PodManager(services, folder.pods if folder else store_pods(aio, node))
+            devices = _device_manager(options, aio, node, lambda: hub)
             if hub_config is not None:
                 # Imported only when joined: standalone gateways do without the TLS, WebSocket
                 # and certificate code (about 10 MB of memory).
@@ -104,6 +109,7 @@ async def run(options: RunOptions) -> None:
                 def applied(keys: tuple[str, ...]) -> None:
                     manager.changed()
                     manager.objects_changed(keys)
+                    devices.changed(keys)
 
                 hub = EdgeHub(aio, hub_config, link, on_applied=applied)
             log.info(
@@ -118,12 +124,14 @@ async def run(options: RunOptions) -> None:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(manager.run)
+                    nursery.start_soon(devices.run)
                     nursery.start_soon(_collect_images, manager, services.runtime)
                     if hub is not None:
                         nursery.start_soon(hub.run)
                         nursery.start_soon(_publish_link, aio, link)
                         nursery.start_soon(_watch_outbox, aio, hub)
                         nursery.start_soon(_report_pods_on_reconnect, link, manager)
+                        nursery.start_soon(_report_devices_on_reconnect, link, devices)
                         read_node = _node_status(node, data_dir, services.runc, hub_config)
                         nursery.start_soon(_report_node, hub, link, node, read_node)
                     await manager.adopted_ready.wait()
@@ -217,6 +225,32 @@ def _pod_services(
     )
 
 
+def _device_manager(
+    options: RunOptions, aio: AsyncStore, node: str, hub: Callable[[], EdgeHub | None]
+) -> DeviceManager:
+    """The node's devices: from the store (joined) or the manifests folder (standalone)."""
+    standalone = options.manifests is not None
+
+    async def report(op: Op, key: str, body: dict[str, Any], coalesce_key: str | None) -> None:
+        if standalone:
+            return  # no cloud to tell; `outpost device ls|get` reads the views in the store
+        await aio.run(aio.store.report, op, key, body, "", coalesce_key)
+        current = hub()
+        if current is not None:
+            current.outbox_changed()
+
+    if options.manifests is not None:
+        return DeviceManager(
+            aio,
+            node,
+            report,
+            Buses(),
+            source=ManifestDevices(options.manifests, node),
+            resync_s=MANIFEST_DEVICES_RESYNC_S,
+        )
+    return DeviceManager(aio, node, report, Buses())
+
+
 async def _collect_images(manager: PodManager, runtime: ContainerRuntime) -> None:
     """Keep images within their disk budget: those no pod here uses go, least recent first."""
     while True:
@@ -256,6 +290,14 @@ async def _report_pods_on_reconnect(link: LinkState, manager: PodManager) -> Non
     while True:
         await _went_online(link)
         manager.report_again()
+
+
+async def _report_devices_on_reconnect(link: LinkState, devices: DeviceManager) -> None:
+    """Device twins go up again once the link is back: a cheap guard against a cloud that lost
+    them (the outbox already kept the latest of each while the link was down)."""
+    while True:
+        await _went_online(link)
+        devices.report_again()
 
 
 def _node_status(

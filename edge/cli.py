@@ -20,6 +20,7 @@ import trio
 
 from edge import agent, logs
 from edge.cli_options import data_dir_option
+from edge.devices.cli import device
 from edge.images.cli import image
 from edge.pods import logs as pod_logs
 from edge.store import StoreError
@@ -96,7 +97,8 @@ def cli(log_level: str) -> None:
     "--manifests",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     envvar="OUTPOST_MANIFESTS",
-    help="Folder of pod manifests (YAML) run in standalone mode.",
+    help="Folder of manifests (YAML) run in standalone mode: Pods with their ConfigMaps and"
+    " Secrets, and Devices with their DeviceModels.",
 )
 @click.option(
     "--cloud",
@@ -306,6 +308,7 @@ def _poll(folder: Path, path: Path, offset: int) -> tuple[Path, int, bytes]:
 
 
 cli.add_command(image)
+cli.add_command(device)
 
 
 def main() -> None:

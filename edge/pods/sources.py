@@ -88,9 +88,12 @@ class ManifestFolder:
                     meta.get("name", "")
                 ] = document
                 continue
+            if kind in ("Device", "DeviceModel"):
+                continue  # edge.devices.manager.ManifestDevices runs those
             if kind != "Pod":
                 log.warning(
-                    "only Pods, ConfigMaps and Secrets run standalone", extra={"kind": kind}
+                    "only Pods, ConfigMaps, Secrets and Devices run standalone",
+                    extra={"kind": kind},
                 )
                 continue
             digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
