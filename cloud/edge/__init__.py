@@ -21,7 +21,7 @@ from lightkube import AsyncClient
 from cloud.devices import API_VERSION, crds
 from cloud.devices.status import DeviceStatusWriter
 from cloud.devices.telemetry import DropTelemetry, MqttTelemetry, TelemetrySink
-from cloud.edge.events import EventRecorder, PodEvent, _now
+from cloud.edge.events import EventRecorder, PodEvent, now_rfc3339
 from cloud.edge.index import DeviceEntry
 from cloud.edge.nodes import NodeKeeper
 from cloud.edge.reports import KubeReports
@@ -96,7 +96,7 @@ class EdgeController:
                 message=message,
                 type="Warning",
                 field_path="spec.deviceModelRef",
-                time=_now(),
+                time=now_rfc3339(),
                 kind="Device",
                 api_version=API_VERSION,
             )

@@ -80,11 +80,11 @@ def event_from_report(node: str, namespace: str, pod: str, body: dict[str, Any])
         message=str(body.get("message", ""))[:1024],
         type=kind,
         field_path=str(body.get("fieldPath", "")),
-        time=str(body.get("time") or _now()),
+        time=str(body.get("time") or now_rfc3339()),
     )
 
 
-def _now() -> str:
+def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
