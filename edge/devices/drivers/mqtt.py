@@ -569,3 +569,8 @@ async def open_mqtt(device: DeviceConfig, buses: Any = None) -> MqttDriver:
     if device.protocol != "mqtt":
         raise DriverError(UNSUPPORTED, f"{device.protocol} is not mqtt")
     return MqttDriver(device)
+
+
+async def open_driver(device: DeviceConfig, buses: Any = None) -> MqttDriver:
+    """The entry point ``edge.devices.drivers.open_driver`` calls."""
+    return await open_mqtt(device, buses)
