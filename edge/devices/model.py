@@ -14,7 +14,9 @@ What callers may rely on:
 - ``PropertyConfig.type`` is upper case (``INT``, ``FLOAT``, ``DOUBLE``, ``STRING``,
   ``BOOLEAN``); ``visitor`` is the visitor's ``configData`` with this protocol's defaults
   filled in and numbers normalised (a Modbus visitor always has ``register``, ``offset``,
-  ``limit``, ``scale``, ``add``, ``isSwap``, ``isRegisterSwap`` and ``dataType``).
+  ``limit``, ``scale``, ``add``, ``isSwap``, ``isRegisterSwap`` and ``dataType``; without a
+  ``dataType``, as in KubeEdge's manifests, the model type and ``limit`` decide it: a FLOAT in one
+  register is a scaled int16, in two a float32).
 - Cycles are seconds (the objects carry nanoseconds, like KubeEdge), never below
   ``MIN_CYCLE_S``. ``desired`` is the desired value's text, or None when none is set.
 """
@@ -470,9 +472,7 @@ def _modbus_visitor(visitor: dict[str, Any], type_: str, name: str) -> dict[str,
                 "InvalidProperty", f"property {name}: a boolean reads exactly one bit", name
             )
     else:
-        data_type = str(visitor.get("dataType") or _DEFAULT_DATA_TYPE[type_]).lower()
-        if type_ == "INT" and "dataType" not in visitor and visitor.get("limit") in (2, "2"):
-            data_type = "int32"
+        data_type = str(visitor.get("dataType") or _default_data_type(type_, visitor)).lower()
         if data_type not in DATA_TYPES:
             raise DeviceConfigError(
                 "WrongType",
@@ -522,6 +522,23 @@ def _modbus_visitor(visitor: dict[str, Any], type_: str, name: str) -> dict[str,
         isRegisterSwap=_flag(visitor.get("isRegisterSwap", False), f"{name}: isRegisterSwap", name),
     )
     return visitor
+
+
+def _default_data_type(type_: str, visitor: dict[str, Any]) -> str:
+    """KubeEdge's mappers have no dataType: the model type and the register count say it (a
+    FLOAT in one register is a scaled int16). Without a limit, the model type alone does."""
+    limit = visitor.get("limit")
+    by_limit = {
+        "INT": {1: "int16", 2: "int32"},
+        "FLOAT": {1: "int16", 2: "float32", 4: "float64"},
+        "DOUBLE": {1: "int16", 2: "float32", 4: "float64"},
+    }.get(type_, {})
+    if limit is not None and not isinstance(limit, bool):
+        try:
+            return by_limit.get(int(limit), _DEFAULT_DATA_TYPE[type_])
+        except (TypeError, ValueError):
+            pass
+    return _DEFAULT_DATA_TYPE[type_]
 
 
 def _ble_visitor(visitor: dict[str, Any], type_: str, name: str) -> dict[str, Any]:

@@ -202,6 +202,24 @@ def test_register_aliases_and_word_sized_int() -> None:
 
 
 @pytest.mark.parametrize(
+    ("type_", "limit", "data_type"),
+    [("float", 1, "int16"), ("float", 2, "float32"), ("double", 4, "float64"),
+     ("double", None, "float64"), ("float", None, "float32"), ("int", None, "int16")],
+)  # fmt: skip
+def test_kubeedge_visitors_without_a_data_type(
+    type_: str, limit: int | None, data_type: str
+) -> None:
+    model = thermostat_model()
+    model["spec"]["properties"].append({"name": "x", "type": type_})
+    device = thermostat()
+    visitor: dict[str, Any] = {"register": "HoldingRegister", "offset": 100, "scale": 0.1}
+    if limit is not None:
+        visitor["limit"] = limit
+    device["spec"]["properties"].append({"name": "x", "visitors": {"configData": visitor}})
+    assert parse_device(device, model).property("x").visitor["dataType"] == data_type
+
+
+@pytest.mark.parametrize(
     ("change", "reason"),
     [
         (lambda d: d["spec"]["protocol"].update(protocolName="zigbee"), "UnsupportedProtocol"),
