@@ -294,6 +294,72 @@ class TwinBook:
             out += self._delta(device, now_ms)
         return out
 
+    def update_view(self, view: dict[str, Any], now_ms: int) -> list[Outgoing]:
+        """A device view from the device manager (``DeviceTwin.view()``: ``namespace``,
+        ``name``, ``state``, ``properties[]{name, type, accessMode, value, timestamp,
+        desired}``). Local apps get the latest reading (``value``), not only what passed the
+        deadband to the cloud; ``desired`` is the expected value. A device seen for the first
+        time joins the membership."""
+        namespace, name = str(view.get("namespace") or ""), str(view.get("name") or "")
+        if not namespace or not name:
+            return []
+        out: list[Outgoing] = []
+        device = self.devices.get((namespace, name))
+        if device is None:
+            device = self.devices[(namespace, name)] = _Device(namespace, name)
+            out.append(self._membership_updated([device], [], now_ms))
+        device.uid = str(view.get("uid") or device.uid)
+        device.model = str(view.get("model") or device.model)
+        device.protocol = str(view.get("protocol") or device.protocol)
+        device.description = f"{device.protocol} device of model {device.model}"
+        changed: dict[str, dict[str, Any]] = {}
+        expected_changed = False
+        for entry in view.get("properties") or []:
+            key = str(entry.get("name") or "")
+            if not key:
+                continue
+            twin = device.twins.get(key) or _Twin(type="string")
+            device.twins[key] = twin
+            twin.type = str(entry.get("type") or twin.type).lower()
+            twin.writable = entry.get("accessMode", "ReadWrite") == "ReadWrite"
+            desired = entry.get("desired")
+            if desired not in (None, "") and str(desired) != twin.expected:
+                twin.expected, twin.expected_ms = str(desired), now_ms
+                expected_changed = True
+            value = entry.get("value")
+            if value not in (None, "") and str(value) != twin.actual:
+                twin.actual = str(value)
+                twin.actual_ms = _ms(entry.get("timestamp")) or now_ms
+                changed[key] = twin.message(expected=False)
+        if changed:
+            payload = {**_base(None, now_ms), "twin": changed}
+            out.append(Outgoing(device_topic(namespace, name, TWIN_UPDATE), payload))
+        state = str(view.get("state") or "")
+        if state:
+            last_online = str(view.get("lastOnlineTime") or "")
+            out += self.update_state(namespace, name, state, last_online, now_ms)
+        if changed or expected_changed:
+            out += self._delta(device, now_ms)
+        return out
+
+    def keep_only(self, keys: Iterable[tuple[str, str]], now_ms: int) -> list[Outgoing]:
+        """Devices not among ``keys`` (namespace, name) have left the node."""
+        wanted = set(keys)
+        removed = [self.devices.pop(k) for k in list(self.devices) if k not in wanted]
+        for device in removed:
+            self._published_delta.pop((device.namespace, device.name), None)
+        return [self._membership_updated([], removed, now_ms)] if removed else []
+
+    def _membership_updated(
+        self, added: list[_Device], removed: list[_Device], now_ms: int
+    ) -> Outgoing:
+        payload = {
+            **_base(None, now_ms),
+            "added_devices": [d.message(twin=True) for d in added],
+            "removed_devices": [d.message(twin=False) for d in removed],
+        }
+        return Outgoing(node_topic(self.node, MEMBERSHIP_UPDATED), payload)
+
     def update_state(
         self, namespace: str, name: str, state: str, last_online: str, now_ms: int
     ) -> list[Outgoing]:
@@ -541,6 +607,37 @@ class EventBus:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the bus on the broker until cancelled."""
         await self.link.run(task_status=task_status)
+
+    async def serve(self, manager: Any, *, sync_s: float = 1.0) -> None:
+        """Run the bus for a ``DeviceManager``: its device views are published (as one of its
+        ``listeners``), desired values from apps go to ``manager.set_desired``, and devices it
+        no longer has leave the membership (checked every ``sync_s``)."""
+        manager.listeners.append(self.on_view)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run)
+                nursery.start_soon(self._apply_desired, manager)
+                while True:
+                    views = list(manager.views().values())
+                    for view in views:
+                        self.on_view("", view)
+                    keys = [(str(v.get("namespace")), str(v.get("name"))) for v in views]
+                    self._send(self.book.keep_only(keys, now_ms()))
+                    await trio.sleep(sync_s)
+        finally:
+            manager.listeners.remove(self.on_view)
+
+    async def _apply_desired(self, manager: Any) -> None:
+        async for update in self.desired_updates:
+            key = f"{update.namespace}/Device/{update.name}"
+            try:
+                manager.set_desired(key, update.property, update.value)
+            except KeyError:  # the device left meanwhile
+                log.info("desired value for a device that left", extra={"device": key})
+
+    def on_view(self, key: str, view: dict[str, Any]) -> None:
+        """A ``DeviceManager`` listener: called with ``(key, view)`` when a device reports."""
+        self._send(self.book.update_view(view, now_ms()))
 
     @property
     def connected(self) -> bool:

@@ -3,6 +3,8 @@ deltas, states, get requests, desired values set by the app, and a broker restar
 
 from __future__ import annotations
 
+import functools
+
 import trio
 
 from edge.devices.eventbus import DesiredUpdate, EventBus
@@ -166,3 +168,74 @@ async def test_desired_backlog_is_refused_not_dropped(mosquitto: Mosquitto) -> N
             assert second["event_id"] == "23"
         assert bus.desired_updates.receive_nowait().value == "22"
         nursery.cancel_scope.cancel()
+
+
+class FakeManager:
+    """The part of ``DeviceManager`` the bus uses: listeners, views(), set_desired()."""
+
+    def __init__(self) -> None:
+        self.listeners: list = []
+        self.desired: list[tuple[str, str, str | None]] = []
+        self._views: dict[str, dict] = {}
+
+    def views(self) -> dict[str, dict]:
+        return dict(self._views)
+
+    def set_desired(self, key: str, prop: str, text: str | None) -> None:
+        if key not in self._views:
+            raise KeyError(key)
+        self.desired.append((key, prop, text))
+
+    def report(self, value: str) -> None:
+        view = {
+            "namespace": "plant",
+            "name": "t1",
+            "uid": "uid-t1",
+            "model": "thermostat",
+            "protocol": "modbus-tcp",
+            "state": "online",
+            "lastOnlineTime": "",
+            "properties": [
+                {
+                    "name": "setpoint",
+                    "type": "int",
+                    "accessMode": "ReadWrite",
+                    "value": value,
+                    "timestamp": 1,
+                    "desired": None,
+                }
+            ],
+        }
+        self._views["plant/Device/t1"] = view
+        for listener in self.listeners:
+            listener("plant/Device/t1", view)
+
+
+async def test_serve_a_device_manager(mosquitto: Mosquitto) -> None:
+    manager = FakeManager()
+    bus = EventBus(mosquitto.url, node="gw-1")
+    with TestClient(mosquitto) as app:
+        await app.subscribe("$hw/events/#")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(bus.serve, manager, sync_s=0.05))
+            with trio.fail_after(5):
+                await bus.link.wait_connected()
+            manager.report("20")
+            update = await app.expect_json(f"{DEV}/twin/update")
+            assert update["twin"]["setpoint"]["actual"]["value"] == "20"
+            app.publish(
+                f"{DEV}/twin/update",
+                {"event_id": "u", "twin": {"setpoint": {"expected": {"value": "22"}}}},
+            )
+            assert "code" not in await app.expect_json(f"{DEV}/twin/update/result")
+            with trio.fail_after(5):
+                while not manager.desired:  # noqa: ASYNC110 - a plain list, filled by the bus
+                    await trio.sleep(0.01)
+            assert manager.desired == [("plant/Device/t1", "setpoint", "22")]
+            manager._views.clear()  # the device leaves the node
+            updated = await app.expect_json("$hw/events/node/gw-1/membership/updated")
+            if updated["added_devices"]:  # the first one announced the device
+                updated = await app.expect_json("$hw/events/node/gw-1/membership/updated")
+            assert [d["id"] for d in updated["removed_devices"]] == ["plant/t1"]
+            nursery.cancel_scope.cancel()
+    assert manager.listeners == []

@@ -291,3 +291,55 @@ def test_snapshot_repeats_the_current_state() -> None:
     assert set(out[f"{DEV}/twin/update"]["twin"]) == {"temperature", "setpoint"}
     assert out[f"{DEV}/state/update"]["state"] == "online"
     assert out[f"{DEV}/twin/update/delta"]["delta"] == {"setpoint": "21"}
+
+
+def view(value: str | None, desired: str | None = "21", state: str = "online") -> dict[str, Any]:
+    """A device view as ``DeviceTwin.view()`` makes it (the fields the eventbus reads)."""
+    return {
+        "namespace": "plant",
+        "name": "t1",
+        "uid": "uid-t1",
+        "model": "thermostat",
+        "protocol": "mqtt",
+        "state": state,
+        "lastOnlineTime": "",
+        "properties": [
+            {
+                "name": "temperature",
+                "type": "float",
+                "accessMode": "ReadOnly",
+                "value": value,
+                "timestamp": T0,
+                "desired": None,
+            },
+            {
+                "name": "setpoint",
+                "type": "int",
+                "accessMode": "ReadWrite",
+                "value": "19",
+                "timestamp": T0,
+                "desired": desired,
+            },
+        ],
+    }
+
+
+def test_manager_views_drive_membership_twins_and_deltas() -> None:
+    book = TwinBook("gw-1")
+    out = by_topic(book.update_view(view("20.5"), T0))
+    added = out["$hw/events/node/gw-1/membership/updated"]["added_devices"]
+    assert [d["id"] for d in added] == ["plant/t1"]
+    assert out[f"{DEV}/twin/update"]["twin"]["temperature"]["actual"]["value"] == "20.5"
+    assert out[f"{DEV}/state/update"]["state"] == "online"
+    assert out[f"{DEV}/twin/update/delta"]["delta"] == {"setpoint": "21"}
+    assert book.update_view(view("20.5"), T0 + 1) == []
+    out = by_topic(book.update_view(view("20.5", desired="25"), T0 + 2))
+    assert set(out) == {f"{DEV}/twin/update/delta"}
+    assert out[f"{DEV}/twin/update/delta"]["delta"] == {"setpoint": "25"}
+    # The view's accessMode decides what apps may set.
+    refused = result_of(book, {"temperature": {"expected": {"value": "1"}}})
+    assert refused["code"] == 400
+    assert book.keep_only([("plant", "t1")], T0) == []
+    out = by_topic(book.keep_only([], T0 + 3))
+    removed = out["$hw/events/node/gw-1/membership/updated"]["removed_devices"]
+    assert [d["id"] for d in removed] == ["plant/t1"]
