@@ -190,11 +190,14 @@ class DeviceTwin:
         ``DeviceConfig.without_desired``); new ones are written soon."""
         if config.without_desired() != self.config.without_desired():
             raise ValueError("update_desired takes the same device with other desired values")
+        old = {p.name: p.desired for p in self.config.properties}
         self.config = config
         for prop in config.properties:
             state = self.props[prop.name]
             state.config = prop
-            self._set_desired(state, prop.desired, now)
+            # Only what the Device changed: a value an app set locally stays until then.
+            if prop.desired != old[prop.name]:
+                self._set_desired(state, prop.desired, now)
 
     def set_desired(self, name: str, text: str | None, now: float) -> None:
         """Set one property's desired value locally (an app on the eventbus did)."""

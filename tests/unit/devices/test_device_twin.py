@@ -237,9 +237,17 @@ def test_desired_values_that_must_not_be_written() -> None:
         ("c", "OutOfRange"),
     ]
     assert s.twin.reasons()[3]["message"] == "desired 11 is above maximum 10"
+    # A value set locally stays until the Device's own desired value changes.
+    s.twin.set_desired("c", "9", s.now)
+    s.twin.update_desired(device(readonly, input_register, setpoint(desired="22"), high), s.now)
+    s.run_until(6)
+    assert s.values["c"] == 9
+    assert s.values["sp"] == 22
     # Clearing the desired value clears its reason.
-    s.twin.update_desired(device(prop("a", access_mode="ReadOnly"), input_register, wrong, high), 5)
-    assert [r["property"] for r in s.twin.reasons()] == ["b", "sp", "c"]
+    s.twin.update_desired(
+        device(prop("a", access_mode="ReadOnly"), input_register, setpoint(desired="22"), high), 6
+    )
+    assert [r["property"] for r in s.twin.reasons()] == ["b"]
 
 
 def test_a_silent_device_goes_offline_and_is_backed_off() -> None:
