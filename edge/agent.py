@@ -29,7 +29,7 @@ from edge.pods.runc import Runc
 from edge.pods.runtime import ContainerRuntime
 from edge.pods.sources import ManifestFolder, store_objects, store_pods
 from edge.pods.supervisor import Services
-from edge.store import Store
+from edge.store import DEFAULT_OUTBOX_BUDGET, Store
 from edge.store.aio import AsyncStore
 from edge.version import __version__
 from edge.wire.events import Op
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge.agent")
 
 STORE_FILE = "store.db"
+# Where KubeEdge's mapper-style apps expect the node's broker.
+DEFAULT_EVENTBUS = "mqtt://127.0.0.1:1883"
+DEFAULT_OUTBOX_BUDGET_MIB = DEFAULT_OUTBOX_BUDGET >> 20
 CLOUD_URL_FILE = "cloud-url"
 LINK_STATE_KEY = "cloud.link"
 # How often to look for reports other processes queued in the store.
@@ -78,6 +81,8 @@ class RunOptions:
     manifests: Path | None = None  # standalone mode when set
     runc_root: Path = DEFAULT_RUNC_ROOT
     pod_subnet: str = "10.88.0.0/16"
+    eventbus: str | None = None
+    outbox_budget: int = DEFAULT_OUTBOX_BUDGET
 
 
 async def run(options: RunOptions) -> None:
@@ -91,7 +96,7 @@ async def run(options: RunOptions) -> None:
         else:
             node = socket.gethostname().lower()
         data_dir.mkdir(parents=True, exist_ok=True)
-        with Store(data_dir / STORE_FILE) as store:
+        with Store(data_dir / STORE_FILE, outbox_budget=options.outbox_budget) as store:
             aio = AsyncStore(store)
             hub: EdgeHub | None = None
             folder = ManifestFolder(options.manifests, node) if options.manifests else None
@@ -125,6 +130,12 @@ async def run(options: RunOptions) -> None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(manager.run)
                     nursery.start_soon(devices.run)
+                    if options.eventbus:
+                        # Imported only when wanted: the MQTT client code is not small.
+                        from edge.devices.eventbus import EventBus
+
+                        bus = EventBus(options.eventbus, node)
+                        nursery.start_soon(bus.serve, devices)
                     nursery.start_soon(_collect_images, manager, services.runtime)
                     if hub is not None:
                         nursery.start_soon(hub.run)

@@ -123,6 +123,23 @@ def cli(log_level: str) -> None:
     envvar="OUTPOST_POD_SUBNET",
     help="Addresses for pods that do not use the host network.",
 )
+@click.option(
+    "--eventbus",
+    default=agent.DEFAULT_EVENTBUS,
+    show_default=True,
+    envvar="OUTPOST_EVENTBUS",
+    help="mqtt:// URL of the local broker where device twins are published on KubeEdge's"
+    " $hw/events/... topics (for mapper-style apps); empty to turn it off.",
+)
+@click.option(
+    "--outbox-budget",
+    type=click.IntRange(1, 1 << 20),
+    default=agent.DEFAULT_OUTBOX_BUDGET_MIB,
+    show_default=True,
+    envvar="OUTPOST_OUTBOX_BUDGET",
+    help="MiB of reports kept for the cloud while it is away; over it, device telemetry history"
+    " goes first, and the latest status of every pod and device is always kept.",
+)
 def run(
     data_dir: Path,
     standalone: bool,
@@ -130,6 +147,8 @@ def run(
     cloud: tuple[str, ...],
     runc_root: Path,
     pod_subnet: str,
+    eventbus: str,
+    outbox_budget: int,
 ) -> None:
     """Run the agent in the foreground.
 
@@ -148,6 +167,8 @@ def run(
         manifests=manifests,
         runc_root=runc_root,
         pod_subnet=pod_subnet,
+        eventbus=eventbus or None,
+        outbox_budget=outbox_budget << 20,
     )
     try:
         trio.run(agent.run, options)
