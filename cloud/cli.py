@@ -13,7 +13,7 @@ import httpx2
 import trio
 from lightkube.core.exceptions import ApiError
 
-from cloud import kube, pki, service
+from cloud import installer, kube, pki, service
 from cloud.devices import crds
 from cloud.devices.telemetry import parse_mqtt_url
 from cloud.edge import ControllerSettings
@@ -177,6 +177,28 @@ def cli(log_level: str) -> None:
     help="https:// URL at which edges reach this replica, given to edges redirected here by"
     " other replicas (default: https://LISTEN-HOST-OR-HOSTNAME:PORT).",
 )
+@click.option(
+    "--releases",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="OUTPOST_CLOUD_RELEASES",
+    help="Folder of releases (VERSION/outpost-linux-ARCH) to serve the one-line installer from"
+    " (https://HOST:PORT/install.sh on --installer-listen); without it there is no installer.",
+)
+@click.option(
+    "--installer-listen",
+    default="0.0.0.0:8444",
+    show_default=True,
+    callback=validate_listen,
+    envvar="OUTPOST_CLOUD_INSTALLER_LISTEN",
+    help="HOST:PORT serving install.sh and the releases over HTTPS (with --releases).",
+)
+@click.option(
+    "--release-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="OUTPOST_CLOUD_RELEASE_KEY",
+    help="Ed25519 private key (PEM) signing the releases' SHA256SUMS (default: the Secret"
+    " outpost-system/outpost-release-key, made on first start).",
+)
 def serve(
     kubeconfig: Path | None,
     listen: tuple[str, int],
@@ -193,6 +215,9 @@ def serve(
     telemetry_mqtt: str | None,
     replica_id: str | None,
     advertise_url: str | None,
+    releases: Path | None,
+    installer_listen: tuple[str, int],
+    release_key: Path | None,
 ) -> None:
     """Serve edge gateways until SIGTERM or Ctrl-C.
 
@@ -221,10 +246,13 @@ def serve(
         ),
         replica_id=replica_id,
         advertise_url=advertise_url,
+        releases=releases,
+        installer_listen=installer_listen,
+        release_key=release_key,
     )
     try:
         trio.run(service.serve, options)
-    except kube.KubeUnavailable as exc:
+    except (kube.KubeUnavailable, installer.KeyUnusable) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}") from exc
@@ -273,6 +301,64 @@ async def _install_crds(kubeconfig: Path | None) -> dict[str, str]:
     client = kube.client(config)
     try:
         return await service.install_crds(client, config.get().cluster.server)
+    finally:
+        await client.close()
+
+
+@cli.command("release-key")
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Kubeconfig to reach Kubernetes with (default: in-cluster, then $KUBECONFIG).",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Read the key from this PEM file (as given to serve --release-key), not the Secret.",
+)
+@click.option(
+    "--generate",
+    "generate",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a new private key to this file (mode 0600; never replaces one) for"
+    " serve --release-key, and print its public key.",
+)
+def release_key(kubeconfig: Path | None, key_file: Path | None, generate: Path | None) -> None:
+    """Print the public key that signs releases (PEM), as install.sh pins it.
+
+    Reads the Secret outpost-system/outpost-release-key, creating it if there is none yet,
+    unless --key or --generate is given.
+    """
+    try:
+        if generate is not None:
+            key = installer.ReleaseKey.generate()
+            try:
+                key.write(generate)
+            except OSError as exc:
+                raise click.ClickException(f"cannot write {generate}: {exc}") from exc
+        elif key_file is not None:
+            key = installer.ReleaseKey.from_file(key_file)
+        else:
+            key = trio.run(_release_key, kubeconfig)
+    except (kube.KubeUnavailable, installer.KeyUnusable) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(key.public_pem.decode(), nl=False)
+
+
+async def _release_key(kubeconfig: Path | None) -> installer.ReleaseKey:
+    config = kube.load_config(kubeconfig)
+    client = kube.client(config)
+    server = config.get().cluster.server
+    try:
+        return await installer.signing.load_or_create(client)
+    except httpx2.TransportError as exc:
+        raise kube.KubeUnavailable(f"cannot reach Kubernetes at {server}: {exc}") from exc
+    except ApiError as exc:
+        raise kube.KubeUnavailable(
+            f"Kubernetes at {server} refused ({exc.status.code} {exc.status.reason}):"
+            f" {exc.status.message}"
+        ) from exc
     finally:
         await client.close()
 

@@ -15,7 +15,7 @@ import trio
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 
-from cloud import bootstrap, kube, pki
+from cloud import bootstrap, installer, kube, pki
 from cloud.devices import crds
 from cloud.edge import ControllerSettings, EdgeController
 from cloud.edge import metrics as controller_metrics
@@ -43,6 +43,10 @@ class ServeOptions:
     # URL by which edges redirected to it reach it.
     replica_id: str | None = None
     advertise_url: str | None = None
+    # The one-line installer (cloud.installer): on only with a release folder.
+    releases: Path | None = None
+    installer_listen: tuple[str, int] = ("0.0.0.0", 8444)
+    release_key: Path | None = None
 
 
 def default_advertise_url(listen: tuple[str, int]) -> str:
@@ -132,6 +136,16 @@ async def serve(options: ServeOptions) -> None:
                     "tls_sans": ",".join(sans),
                 },
             )
+            install = None
+            if options.releases is not None:
+                install = await installer.prepare(
+                    client,
+                    options.releases,
+                    options.release_key,
+                    tls=(ca.cert_pem, cert_pem, key_pem),
+                    hub_port=options.listen[1],
+                    advertise_url=options.advertise_url,
+                )
             tune_gc()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(controller.run)
@@ -140,6 +154,8 @@ async def serve(options: ServeOptions) -> None:
                 if options.metrics_listen is not None:
                     port = await nursery.start(serve_metrics, metrics, *options.metrics_listen)
                     log.info("metrics listening", extra={"port": port})
+                if install is not None:
+                    await nursery.start(install.serve, *options.installer_listen)
                 async for signum in signals:
                     log.info("stopping", extra={"signal": signal.Signals(signum).name})
                     nursery.cancel_scope.cancel()
