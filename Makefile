@@ -34,6 +34,7 @@ help:
 	@echo "make test-unit  the fast tier: unit tests only, no control plane"
 	@echo "make cluster    run a control plane for kubectl until Ctrl-C"
 	@echo "make lint       ruff check and format check;  make fmt  rewrites the code"
+	@echo "make binary     build the native edge binary (cached; prints its path)"
 
 setup: deb-packages $(VENV)/.installed controlplane
 
@@ -87,6 +88,12 @@ lint: $(VENV)/.installed
 fmt: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The native edge binary (Nuitka onefile, minutes of CPU the first time), cached in
+# $(OUTPOST_CACHE_DIR)/binary/<hash of edge/ and pyproject.toml>/outpost; prints its path.
+.PHONY: binary
+binary: deb-packages $(VENV)/.installed
+	@$(BIN)/python build/binary.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .demo

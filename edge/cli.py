@@ -24,7 +24,7 @@ from edge.devices.cli import device
 from edge.images.cli import image
 from edge.pods import logs as pod_logs
 from edge.store import StoreError
-from edge.version import __version__
+from edge.version import __version__, build_info
 
 # Kubernetes node names are DNS-1123 subdomains.
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -262,11 +262,16 @@ def status(data_dir: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def version(as_json: bool) -> None:
     """Print the version and build information."""
-    info = version_info()
+    info = {**build_info(), **version_info()}
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
+        return
+    click.echo(f"outpost {info['version']} (python {info['python']}, {info['platform']})")
+    if info["build"] == "development":
+        click.echo("build:    development (not a built binary)")
     else:
-        click.echo(f"outpost {info['version']} (python {info['python']}, {info['platform']})")
+        click.echo(f"commit:   {info['commit']}")
+        click.echo(f"built:    {info['build_date']} with {info['builder']}")
 
 
 @cli.command("logs")

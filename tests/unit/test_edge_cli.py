@@ -41,7 +41,8 @@ def test_version_prints_the_package_version():
 def test_version_json_is_machine_readable():
     info = json.loads(invoke("version", "--json").output)
     assert info["version"] == __version__
-    assert set(info) == {"version", "python", "platform"}
+    assert set(info) == {"version", "python", "platform", "build"}
+    assert info["build"] == "development"
 
 
 def test_installed_console_script_runs():
