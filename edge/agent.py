@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from edge import node_info
+from edge import node_info, sdnotify
 from edge.devices.drivers import Buses
 from edge.devices.manager import DeviceManager, ManifestDevices
 from edge.images import ImageStore
@@ -88,6 +88,8 @@ class RunOptions:
 async def run(options: RunOptions) -> None:
     # Signals first: a SIGTERM during start-up must stop the agent cleanly.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Read and removed from the environment at once: runc must not inherit NOTIFY_SOCKET.
+        systemd = sdnotify.Notifier.from_environ()
         data_dir = options.data_dir
         hub_config = None
         if options.manifests is None:
@@ -128,6 +130,7 @@ async def run(options: RunOptions) -> None:
             )
             try:
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(systemd.feed_watchdog)
                     nursery.start_soon(manager.run)
                     nursery.start_soon(devices.run)
                     if options.eventbus:
@@ -147,9 +150,11 @@ async def run(options: RunOptions) -> None:
                         nursery.start_soon(_report_node, hub, link, node, read_node)
                     await manager.adopted_ready.wait()
                     log.info("pods adopted", extra={"pods": len(manager.supervisors)})
+                    systemd.ready(f"running, {len(manager.supervisors)} pods adopted")
                     async for signum in signals:
                         # Pods keep running: the next agent adopts them.
                         log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                        systemd.stopping("stopping; pods keep running")
                         nursery.cancel_scope.cancel()
                         break
             finally:
