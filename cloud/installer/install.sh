@@ -318,7 +318,12 @@ outpost_install() {
                     esac
                 done <"$env_file"
                 # shellcheck disable=SC2086 # the words of OUTPOST_RUN_ARGS, as in the unit
-                nohup "$binary" run ${OUTPOST_RUN_ARGS:-} >>"$log_file" 2>&1 </dev/null &
+                # Immune to the hang-up of the terminal this ran from (nohup, which not every
+                # busybox has): an ignored signal stays ignored across exec.
+                (
+                    trap '' HUP
+                    exec "$binary" run ${OUTPOST_RUN_ARGS:-} >>"$log_file" 2>&1 </dev/null
+                ) &
                 echo $! >"$pid_file"
             )
             info "started: pid $(cat "$pid_file"), logging to $log_file (no systemd: it is not restarted at boot)"
