@@ -14,9 +14,9 @@ export OUTPOST_CACHE_DIR ?= $(HOME)/.cache/outpost
 # What the tests and the appliance need from Debian: runc and CNI plugins for pods, mosquitto
 # for the eventbus, socat for serial PTY pairs, docker-registry as a local OCI registry,
 # iproute2 for network namespaces, libglib2.0-dev to build bluepy, patchelf and ccache for the
-# native binary build.
+# native binary build, debootstrap for the gateway rootfs (`make rootfs`).
 DEB_PACKAGES := runc containernetworking-plugins mosquitto socat docker-registry iproute2 iptables \
-	libglib2.0-dev patchelf ccache ca-certificates busybox-static
+	libglib2.0-dev patchelf ccache ca-certificates busybox-static debootstrap
 
 # pytest exits 5 when a selection collects no test (say, hw-tests on a machine without
 # hardware); that is not a failure of the code under test.
@@ -25,7 +25,7 @@ define pytest
 endef
 
 .PHONY: help setup deb-packages controlplane demo cluster test test-unit test-integration \
-	test-hw lint fmt clean
+	test-hw lint fmt clean rootfs
 
 help:
 	@echo "make setup      install Debian packages, create .venv, build the test control plane"
@@ -33,6 +33,7 @@ help:
 	@echo "make test       set up, lint, then run every test (what CI runs)"
 	@echo "make test-unit  the fast tier: unit tests only, no control plane"
 	@echo "make cluster    run a control plane for kubectl until Ctrl-C"
+	@echo "make rootfs     gateway root filesystem (tarball + ext4) with Outpost; cached"
 	@echo "make lint       ruff check and format check;  make fmt  rewrites the code"
 	@echo "make binary     build the native edge binary (cached; prints its path)"
 
@@ -68,6 +69,11 @@ demo: setup
 
 cluster: setup
 	$(BIN)/python -m tests.cluster up --kubeconfig-out .demo/admin.kubeconfig
+
+# A Debian gateway root filesystem with the binary (from `make binary`, if built), the unit and
+# a first-boot join; cached in $(OUTPOST_CACHE_DIR)/rootfs/ by a hash of its inputs.
+rootfs: deb-packages $(VENV)/.installed
+	$(SUDO) env OUTPOST_CACHE_DIR=$(OUTPOST_CACHE_DIR) $(BIN)/python -m rootfs.build
 
 test: setup lint
 	$(call pytest,-q)
