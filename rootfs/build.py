@@ -74,7 +74,6 @@ _FILES = {
     "first-boot-join": ("/usr/lib/outpost/first-boot-join", 0o755),
     "join.env": ("/etc/outpost/join.env", 0o600),  # will hold a token
     "80-dhcp.network": ("/etc/systemd/network/80-dhcp.network", 0o644),
-    "outpost.env": ("/etc/outpost/outpost.env", 0o644),  # unless systemd/outpost.env exists
     "README.etc": ("/etc/outpost/README", 0o644),
 }
 
@@ -216,10 +215,9 @@ def _customize(tree: Path, binary: Path | None, *, log) -> dict[str, object]:
             plugin.unlink()
 
     for name, (target, mode) in _FILES.items():
-        if name == "outpost.env" and UNIT_ENV.is_file():
-            _put(tree, UNIT_ENV, target, mode)
-        else:
-            _put(tree, FILES / name, target, mode)
+        _put(tree, FILES / name, target, mode)
+    if UNIT_ENV.is_file():  # the documented example of the unit's EnvironmentFile
+        _put(tree, UNIT_ENV, "/etc/outpost/outpost.env", 0o644)
     (tree / "etc/outpost/pods").mkdir(mode=0o755, exist_ok=True)
     (tree / "var/lib/outpost").mkdir(mode=0o700, exist_ok=True)
 

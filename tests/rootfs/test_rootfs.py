@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -23,7 +24,6 @@ from rootfs import build
 
 pytestmark = pytest.mark.rootfs
 
-IMAGE_DIR = build.out_dir()
 MOUNT_AND_CHROOT = """
 set -e
 root=$1; shift
@@ -36,20 +36,30 @@ exec chroot "$root" "$@"
 
 
 @pytest.fixture(scope="module")
-def manifest() -> dict:
-    if not build.is_built(IMAGE_DIR):
-        pytest.skip(f"no rootfs for the current inputs in {IMAGE_DIR}: run `make rootfs`")
-    return json.loads((IMAGE_DIR / build.MANIFEST).read_text())
+def image_dir() -> Path:
+    """The image built from the current inputs (the binary and unit included)."""
+    try:
+        directory = build.out_dir()
+    except build.BuildError as exc:
+        pytest.skip(f"{exc}: fix it, then run `make rootfs`")
+    if not build.is_built(directory):
+        pytest.skip(f"no rootfs for the current inputs in {directory}: run `make rootfs`")
+    return directory
 
 
 @pytest.fixture(scope="module")
-def tree(manifest: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def manifest(image_dir: Path) -> dict:
+    return json.loads((image_dir / build.MANIFEST).read_text())
+
+
+@pytest.fixture(scope="module")
+def tree(image_dir: Path, manifest: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image's tarball unpacked: the tests may change it."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("booting the rootfs in a chroot takes root and unshare")
     root = tmp_path_factory.mktemp("rootfs")
     subprocess.run(
-        ["tar", "--numeric-owner", "-xzf", str(IMAGE_DIR / build.TARBALL), "-C", str(root)],
+        ["tar", "--numeric-owner", "-xzf", str(image_dir / build.TARBALL), "-C", str(root)],
         check=True,
     )
     return root
@@ -81,7 +91,7 @@ def test_image_holds_the_runtime_and_the_first_boot_join(tree: Path, manifest: d
     assert (join_env.stat().st_uid, join_env.stat().st_gid) == (0, 0)
     assert "OUTPOST_URL=\n" in join_env.read_text()
     assert "OUTPOST_TOKEN=\n" in join_env.read_text()
-    assert (tree / "etc/outpost/outpost.env").is_file()
+    assert (tree / "etc/outpost/outpost.env").is_file() == build.UNIT_ENV.is_file()
     assert (tree / "etc/outpost/pods").is_dir()
     assert os.access(tree / "usr/lib/outpost/first-boot-join", os.X_OK)
     wants = tree / "etc/systemd/system/multi-user.target.wants"
@@ -102,12 +112,10 @@ def test_image_holds_the_runtime_and_the_first_boot_join(tree: Path, manifest: d
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-def test_ext4_image_is_clean_and_holds_the_same_files() -> None:
+def test_ext4_image_is_clean_and_holds_the_same_files(image_dir: Path) -> None:
     if shutil.which("e2fsck") is None or shutil.which("debugfs") is None:
         pytest.skip("e2fsprogs is not installed")
-    if not build.is_built(IMAGE_DIR):
-        pytest.skip(f"no rootfs for the current inputs in {IMAGE_DIR}: run `make rootfs`")
-    image = IMAGE_DIR / build.IMAGE
+    image = image_dir / build.IMAGE
     checked = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     listed = subprocess.run(
@@ -196,8 +204,11 @@ def test_unit_exec_start_runs_standalone_and_stops_on_sigterm(tree: Path, binary
             if sep and not key.strip().startswith("#"):
                 env[key.strip()] = value.strip().strip("\"'")
     (tree / "tmp/pods").mkdir()  # the empty manifest folder
-    argv = [_expand(word, env) for word in shlex.split(unit["ExecStart"].lstrip("@-:+!"))]
-    argv = [word for word in argv if word]
+    argv = [
+        part
+        for word in shlex.split(unit["ExecStart"].lstrip("@-:+!"))
+        for part in _expand(word, env)
+    ]
     if "--standalone" not in argv:
         argv += ["--standalone", "--manifests", "/tmp/pods"]
 
@@ -207,7 +218,8 @@ def test_unit_exec_start_runs_standalone_and_stops_on_sigterm(tree: Path, binary
     notify.settimeout(1)
     env["NOTIFY_SOCKET"] = "/tmp/notify.sock"
     agent = subprocess.Popen(
-        ["unshare", "--mount", "sh", "-c", MOUNT_AND_CHROOT, "sh", str(tree), *argv],
+        # Its own network namespace too: whatever it sets up stays off the host.
+        ["unshare", "--mount", "--net", "sh", "-c", MOUNT_AND_CHROOT, "sh", str(tree), *argv],
         env={"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -241,8 +253,10 @@ def test_unit_exec_start_runs_standalone_and_stops_on_sigterm(tree: Path, binary
         notify.close()
 
 
-def _expand(word: str, env: dict[str, str]) -> str:
-    """systemd's $VAR / ${VAR} expansion, from the unit's environment."""
-    for key, value in sorted(env.items(), key=lambda kv: -len(kv[0])):
-        word = word.replace("${" + key + "}", value).replace("$" + key, value)
-    return word if "$" not in word else ""
+def _expand(word: str, env: dict[str, str]) -> list[str]:
+    """systemd's expansion of an ExecStart word: a lone $VAR splits into words (none when
+    unset), ${VAR} is replaced in place."""
+    lone = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+    if lone:
+        return env.get(lone.group(1), "").split()
+    return [re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env.get(m.group(1), ""), word)]
