@@ -24,6 +24,7 @@ from rootfs import build
 
 pytestmark = pytest.mark.rootfs
 
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MOUNT_AND_CHROOT = """
 set -e
 root=$1; shift
@@ -69,7 +70,7 @@ def in_chroot(root: Path, *command: str, env: dict[str, str] | None = None, **kw
     """Run ``command`` inside the rootfs as its own mount namespace sees it."""
     return subprocess.run(
         ["unshare", "--mount", "sh", "-c", MOUNT_AND_CHROOT, "sh", str(root), *command],
-        env={"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **(env or {})},
+        env={"PATH": SYSTEMD_PATH, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
@@ -177,9 +178,11 @@ def binary(tree: Path, manifest: dict) -> str:
 
 
 def test_outpost_version_runs_in_the_image(tree: Path, binary: str) -> None:
-    result = in_chroot(tree, binary, "version")
+    result = in_chroot(tree, binary, "version", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "version" in result.stdout.lower()
+    info = json.loads(result.stdout)
+    assert info["version"], info
+    assert info["platform"] == f"linux/{os.uname().machine}", info
 
 
 def _unit(tree: Path) -> dict[str, str]:
@@ -196,7 +199,8 @@ def _unit(tree: Path) -> dict[str, str]:
 
 def test_unit_exec_start_runs_standalone_and_stops_on_sigterm(tree: Path, binary: str) -> None:
     unit = _unit(tree)
-    env = {"OUTPOST_DATA_DIR": "/tmp/outpost-data", "HOME": "/root"}
+    # A system service without User= gets no $HOME from systemd: neither does the agent here.
+    env = {"OUTPOST_DATA_DIR": "/tmp/outpost-data"}
     environment_file = unit.get("EnvironmentFile", "").lstrip("-")
     if environment_file and (tree / environment_file.lstrip("/")).is_file():
         for line in (tree / environment_file.lstrip("/")).read_text().splitlines():
@@ -220,7 +224,7 @@ def test_unit_exec_start_runs_standalone_and_stops_on_sigterm(tree: Path, binary
     agent = subprocess.Popen(
         # Its own network namespace too: whatever it sets up stays off the host.
         ["unshare", "--mount", "--net", "sh", "-c", MOUNT_AND_CHROOT, "sh", str(tree), *argv],
-        env={"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **env},
+        env={"PATH": SYSTEMD_PATH, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
