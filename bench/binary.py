@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"the binary did not unpack into {extracted}")
     warm_runs = [timed([str(binary), "version"]) for _ in range(args.runs)]
     warm = statistics.median(warm_runs)
-    child = extracted / "outpost"
+    child = extracted / "outpost.bin"  # what the bootstrap runs
     direct = statistics.median(timed([str(child), "version"]) for _ in range(args.runs))
     print(
         f"start: cold {cold:.0f} ms (unpacking included); warm median {warm:.0f} ms"

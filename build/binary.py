@@ -182,12 +182,17 @@ def nuitka_command(python: Path, src: Path, out: Path, key: str, jobs: int) -> l
         "-m",
         "nuitka",
         "--onefile",
+        # Each file compressed apart: a warm start checks the unpacked files' CRC32 and skips
+        # their payload, instead of decompressing the whole stream every time.
+        "--onefile-as-archive",
         "--assume-yes-for-downloads",
         "--update-check=never",
         f"--jobs={jobs}",
         "--lto=no",
         "--python-flag=no_site",
-        "--include-module=edge._build_info",
+        # Every edge module: device drivers are imported by name (importlib), which Nuitka
+        # cannot follow; edge._build_info is generated into the staging copy.
+        "--include-package=edge",
         f"--nofollow-import-to={','.join(NOFOLLOW)}",
         "--noinclude-setuptools-mode=nofollow",
         "--noinclude-pytest-mode=nofollow",

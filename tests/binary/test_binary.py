@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.channelkit import Cloud, LogFile, Managed, spawn
 from tests.cluster.controlplane import ControlPlane
 from tests.hubkit import until
 from tests.podkit import busybox_registry
+from tests.processes import REPO
 
 pytestmark = pytest.mark.binary
 
@@ -50,6 +52,22 @@ def test_it_carries_no_cloud_or_test_code(outpost_binary: Path) -> None:
         [str(outpost_binary), "--help"], capture_output=True, text=True, check=True
     )
     assert "join" in result.stdout
+
+
+def test_it_carries_every_edge_module(outpost_binary: Path) -> None:
+    """Device drivers are imported by name at runtime, so the build must include them itself."""
+    report = outpost_binary.parent / "report.xml"
+    if not report.exists():
+        pytest.skip(f"no Nuitka report next to {outpost_binary}")
+    compiled = set(re.findall(r'<module name="([^"]+)"', report.read_text()))
+    edge = REPO / "edge"
+    expected = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in edge.rglob("*.py")
+    }
+    assert expected - compiled == set()
+    assert {"minimalmodbus", "serial", "pymodbus", "paho"} <= {m.split(".")[0] for m in compiled}
+    assert not {m for m in compiled if m.split(".")[0] in {"cloud", "tests", "pytest"}}
 
 
 class BinaryAgent(Managed):
