@@ -48,7 +48,10 @@ PACKAGES = (
 )
 # Installed with apt after debootstrap: systemd-resolved's postinst, which turns
 # /etc/resolv.conf into a symlink, fails inside debootstrap.
-LATER_PACKAGES = ("systemd-resolved",)  # DNS for what networkd's DHCP hands out
+LATER_PACKAGES = (
+    "systemd-resolved",  # DNS for what networkd's DHCP hands out
+    "systemd-timesyncd",  # boards without a battery-backed clock: TLS needs the date
+)
 # The pod network's conflist (edge/pods/cni.py) runs these; the other plugins Debian ships
 # (about 30 MB) are left out of the image.
 CNI_PLUGINS = ("bridge", "host-local", "portmap", "loopback")
