@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,10 @@ def manifest(image_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tree(image_dir: Path, manifest: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The image's tarball unpacked: the tests may change it."""
+def tree(
+    image_dir: Path, manifest: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """The image's tarball unpacked: the tests may change it. Removed afterwards (150 MB)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("booting the rootfs in a chroot takes root and unshare")
     root = tmp_path_factory.mktemp("rootfs")
@@ -63,7 +66,8 @@ def tree(image_dir: Path, manifest: dict, tmp_path_factory: pytest.TempPathFacto
         ["tar", "--numeric-owner", "-xzf", str(image_dir / build.TARBALL), "-C", str(root)],
         check=True,
     )
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def in_chroot(root: Path, *command: str, env: dict[str, str] | None = None, **kwargs):
