@@ -20,8 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
+from edge.agent import CLOUD_URL_FILE
 from rootfs import build
+from tests.channelkit import Cloud
+from tests.cluster.controlplane import ControlPlane
 
 pytestmark = pytest.mark.rootfs
 
@@ -268,3 +274,39 @@ def _expand(word: str, env: dict[str, str]) -> list[str]:
     if lone:
         return env.get(lone.group(1), "").split()
     return [re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env.get(m.group(1), ""), word)]
+
+
+@pytest.mark.cluster
+async def test_first_boot_join_in_the_image_joins_a_loopback_cloud(
+    tree: Path, binary: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The image's own join unit command, with the real binary, against `outpost-cloud serve`
+    on loopback (the chroot shares the host's network)."""
+    # Asked for here, not as an argument: a session fixture would be set up before the module's
+    # fixtures get the chance to skip (no image, no root).
+    control_plane: ControlPlane = request.getfixturevalue("control_plane")
+    cloud = Cloud(control_plane, tmp_path)
+    await cloud.start()
+    join_env = tree / "etc/outpost/join.env"
+    shipped = join_env.read_text()
+    identity = tree / "var/lib/outpost/identity"
+    try:
+        token = await cloud.token("rootfs-gw")
+        join_env.write_text(
+            f"OUTPOST_URL={cloud.url}\nOUTPOST_TOKEN={token}\nOUTPOST_NODE_NAME=rootfs-gw\n"
+        )
+        joined = await trio.to_thread.run_sync(
+            lambda: in_chroot(tree, "/usr/lib/outpost/first-boot-join")
+        )
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        assert (identity / "node.crt").is_file()
+        assert token not in join_env.read_text()
+        cert = x509.load_pem_x509_certificate((identity / "node.crt").read_bytes())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        assert [n.value for n in names] == ["rootfs-gw"]
+        assert (tree / "var/lib/outpost" / CLOUD_URL_FILE).read_text() == cloud.url + "\n"
+    finally:
+        await cloud.stop()
+        join_env.write_text(shipped)
+        shutil.rmtree(identity, ignore_errors=True)
+        (tree / "var/lib/outpost" / CLOUD_URL_FILE).unlink(missing_ok=True)
