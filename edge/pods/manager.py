@@ -149,8 +149,9 @@ class PodManager:
         log.info("deleted pod confirmed stopped", extra={"pod": pod_key(pod), "uid": uid})
 
     async def _remove_orphans(self) -> None:
-        """runc containers whose pod is no longer wanted: removed while the agent was down, or
-        being deleted when an earlier agent stopped (its grace period has run out meanwhile)."""
+        """Pods no longer wanted (removed while the agent was down, or being deleted when an
+        earlier agent stopped, their grace period run out meanwhile): their runc containers
+        are removed and the pods torn down (mounts, network, directory, cgroups)."""
         pods = await self.source()
         leftovers: dict[str, dict[str, Any]] = {}
         for state in await self.s.runc.list():
@@ -163,8 +164,17 @@ class PodManager:
                 await self.s.runc.delete(state.id, force=True)
             except RuncError as exc:
                 log.warning("cannot remove container", extra={"id": state.id, "error": str(exc)})
-            if pod is not None:
-                leftovers[uid] = pod
+            leftovers[uid] = pod if pod is not None else _stub(uid)
+        # Pods whose containers were already gone when an earlier agent stopped mid-teardown
+        # (or crashed) still hold their mounts, network and directory.
+        pod_dirs = self.s.data_dir / "pods"
+        found = await trio.to_thread.run_sync(
+            lambda: [d.name for d in pod_dirs.iterdir()] if pod_dirs.is_dir() else []
+        )
+        for uid in found:
+            pod = pods.get(uid)
+            if uid not in leftovers and (pod is None or _deleting(pod)):
+                leftovers[uid] = pod if pod is not None else _stub(uid)
         for uid, pod in leftovers.items():
             try:
                 await self.s.runtime.teardown(pod)
@@ -172,6 +182,12 @@ class PodManager:
                 log.warning("cannot tear down pod", extra={"pod_uid": uid, "error": str(exc)})
                 continue
             await self.s.save_state(f"pod/{uid}", None)
+
+
+def _stub(uid: str) -> dict[str, Any]:
+    """What teardown needs of a pod no source knows any more: its uid. Its network, if it had
+    one of its own, is found by uid; a host-network pod has none to remove."""
+    return {"metadata": {"uid": uid}, "spec": {}}
 
 
 def _deleting(pod: dict[str, Any]) -> bool:

@@ -144,8 +144,10 @@ spec:
                 process.kill()
                 await process.wait()
             process, log = await start("cleanup.log")
+            # Gone means torn down too (mounts, network), not only out of runc's list.
+            pods = tmp_path / "data" / "pods"
             with trio.move_on_after(60):
-                while runc_containers(runc_root):  # noqa: ASYNC110
+                while runc_containers(runc_root) or (pods.exists() and any(pods.iterdir())):  # noqa: ASYNC110
                     await trio.sleep(0.2)
             process.send_signal(signal.SIGTERM)
             with trio.move_on_after(10):
