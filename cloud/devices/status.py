@@ -35,6 +35,8 @@ from lightkube.core.exceptions import ApiError
 from lightkube.types import PatchType
 
 from cloud.devices import API_VERSION, DeviceStatus
+from cloud.edge.events import TokenBucket
+from cloud.edge.retry import transient
 
 log = logging.getLogger("cloud.devices.status")
 
@@ -45,39 +47,6 @@ DeviceId = tuple[str, str]
 
 # As cloud.edge.retry's (not imported: cloud.edge imports this module, and it must not need
 # cloud.edge to be imported first).
-TRANSIENT_CODES = frozenset({409, 429, 500, 502, 503, 504})
-
-
-def transient(exc: BaseException) -> bool:
-    if isinstance(exc, httpx2.TransportError):
-        return True
-    return isinstance(exc, ApiError) and exc.status.code in TRANSIENT_CODES
-
-
-@dataclass
-class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved up (the caller gives the time)."""
-
-    rate: float
-    burst: float
-    tokens: float = -1.0
-    at: float = 0.0
-
-    def take(self, now: float) -> bool:
-        if self.tokens < 0:
-            self.tokens, self.at = self.burst, now
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-    def wait(self) -> float:
-        """Seconds until a token is there, as of the last ``take``."""
-        return max(0.0, (1 - self.tokens) / self.rate)
-
-
 @dataclass(frozen=True)
 class PendingStatus:
     node: str

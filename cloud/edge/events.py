@@ -48,6 +48,10 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self) -> float:
+        """Seconds until a token is there, as of the last ``take``."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
 
 @dataclass(frozen=True)
 class PodEvent:
