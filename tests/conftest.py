@@ -69,6 +69,18 @@ def cloud_kubeconfig(control_plane: ControlPlane) -> dict[str, Any]:
 
 
 @pytest.fixture
+async def cloud_kube(cloud_kubeconfig: dict[str, Any]) -> AsyncIterator[AsyncClient]:
+    """A client with only the rights `outpost-cloud rbac` grants: tests running the edge
+    controller with it also show that the RBAC is enough for what they exercise."""
+    config = KubeConfig.from_dict(cloud_kubeconfig)
+    client = AsyncClient(config, field_manager="outpost-cloud", trust_env=False)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
 async def kube(control_plane: ControlPlane) -> AsyncIterator[AsyncClient]:
     """An admin lightkube client for the session's control plane."""
     client = AsyncClient(KubeConfig.from_file(control_plane.kubeconfig), trust_env=False)

@@ -14,15 +14,12 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from lightkube import AsyncClient
-from lightkube.config.kubeconfig import KubeConfig
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.core_v1 import Event, Namespace
@@ -30,66 +27,14 @@ from lightkube.types import PatchType
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cloud.devices import Device, DeviceModel, DeviceStatus, crds
-from cloud.edge import ControllerSettings, EdgeController
+from cloud.edge import ControllerSettings
 from cloud.edge import metrics as controller_metrics
-from cloud.hub.server import Hub, HubSettings
-from edge.hub.client import EdgeHub
-from edge.store import Store
-from edge.store.aio import AsyncStore
 from edge.wire.events import Op
 from tests.cluster.controlplane import ControlPlane
-from tests.hubkit import Pki
+from tests.controllerkit import Cloud, agent, eventually, start_controller
 from tests.mqttkit import Mosquitto, TestClient
 
 pytestmark = pytest.mark.usefixtures("control_plane")
-
-
-@dataclass
-class Cloud:
-    controller: EdgeController
-    hub: Hub
-    pki: Pki
-
-
-@dataclass
-class FakeAgent:
-    node: str
-    reader: Store
-    edge: EdgeHub
-
-    def keys(self, kind: str) -> set[str]:
-        return {key for key, _, _ in self.reader.list(kind)}
-
-    def get(self, key: str) -> Any:
-        found = self.reader.get(key)
-        return None if found is None else found[1]
-
-    def report(self, op: Op, key: str, body: Any, coalesce_key: str | None = None) -> None:
-        self.reader.report(op, key, body, coalesce_key=coalesce_key)
-        self.edge.outbox_changed()
-
-
-async def eventually(check: Callable[[], Any], what: str, within: float = 15) -> Any:
-    deadline = trio.current_time() + within
-    while True:
-        value = check()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await trio.sleep(0.1)
-
-
-@pytest.fixture
-async def cloud_kube(cloud_kubeconfig: dict[str, Any]) -> AsyncIterator[AsyncClient]:
-    config = KubeConfig.from_dict(cloud_kubeconfig)
-    client = AsyncClient(config, field_manager="outpost-cloud", trust_env=False)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture
@@ -97,24 +42,12 @@ def start_cloud(
     cloud_kube: AsyncClient, tmp_path: Path, nursery: trio.Nursery
 ) -> Callable[..., Any]:
     async def start(**settings: Any) -> Cloud:
-        pki = Pki.create(tmp_path / "pki")
-        controller = EdgeController(
+        return await start_controller(
             cloud_kube,
+            tmp_path,
+            nursery,
             ControllerSettings(lease_renew_interval_s=0.5, event_qps=5.0, **settings),
         )
-        hub = Hub(
-            HubSettings(host="127.0.0.1", port=0, heartbeat_s=2),
-            pki.server_context(),
-            source=controller.source,
-            sink=controller.reports,
-            lifecycle=controller.nodes,
-        )
-        controller.source.sink = hub
-        nursery.start_soon(controller.run)
-        with trio.fail_after(60):
-            await controller.source.ready.wait()
-        await nursery.start(hub.run)
-        return Cloud(controller, hub, pki)
 
     return start
 
@@ -135,19 +68,6 @@ async def namespace(kube: AsyncClient) -> AsyncIterator[str]:
 
 def node_name() -> str:
     return f"dev-{secrets.token_hex(3)}"
-
-
-@asynccontextmanager
-async def agent(cloud: Cloud, path: Path, node: str) -> AsyncIterator[FakeAgent]:
-    assert cloud.hub.port is not None
-    with Store(path) as store, Store(path) as reader:
-        edge = EdgeHub(AsyncStore(store), cloud.pki.edge_config(node, cloud.hub.port))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(edge.run)
-            with trio.fail_after(10):
-                await edge.link.wait_online()
-            yield FakeAgent(node, reader, edge)
-            nursery.cancel_scope.cancel()
 
 
 # A KubeEdge v1beta1 DeviceModel and Device (its docs' Modbus thermostat), group changed only.

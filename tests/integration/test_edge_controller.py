@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from lightkube import AsyncClient
-from lightkube.config.kubeconfig import KubeConfig
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import (
@@ -36,90 +33,18 @@ from lightkube.resources.core_v1 import (
 from lightkube.types import PatchType
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cloud.edge import ControllerSettings, EdgeController
+from cloud.edge import ControllerSettings
 from cloud.edge import metrics as controller_metrics
-from cloud.hub.server import Hub, HubSettings
-from edge.hub.client import EdgeHub
-from edge.store import Store
-from edge.store.aio import AsyncStore
 from edge.wire.events import Op
-from tests.hubkit import Pki
+from tests.controllerkit import Cloud, agent, eventually, start_controller
 
 pytestmark = pytest.mark.usefixtures("control_plane")
 
 
-@dataclass
-class Cloud:
-    controller: EdgeController
-    hub: Hub
-    pki: Pki
-
-
-@dataclass
-class FakeAgent:
-    """The test's stand-in for an agent: a reader of the node's store, and a reporter."""
-
-    node: str
-    reader: Store
-    edge: EdgeHub
-
-    def keys(self, kind: str) -> set[str]:
-        return {key for key, _, _ in self.reader.list(kind)}
-
-    def get(self, key: str) -> Any:
-        found = self.reader.get(key)
-        return None if found is None else found[1]
-
-    def report(self, op: Op, key: str, body: Any, coalesce_key: str | None = None) -> None:
-        self.reader.report(op, key, body, coalesce_key=coalesce_key)
-        self.edge.outbox_changed()
-
-
-async def eventually(check: Callable[[], Any], what: str, within: float = 15) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy."""
-    deadline = trio.current_time() + within
-    while True:
-        value = check()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await trio.sleep(0.1)
-
-
-@pytest.fixture
-async def cloud_kube(cloud_kubeconfig: dict[str, Any]) -> AsyncIterator[AsyncClient]:
-    """A client with only the rights `outpost-cloud rbac` grants: every test here then also
-    checks that the RBAC is enough for what it exercises."""
-    config = KubeConfig.from_dict(cloud_kubeconfig)
-    client = AsyncClient(config, field_manager="outpost-cloud", trust_env=False)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 @pytest.fixture
 async def cloud(cloud_kube: AsyncClient, tmp_path: Path, nursery: trio.Nursery) -> Cloud:
-    pki = Pki.create(tmp_path / "pki")
-    controller = EdgeController(
-        cloud_kube, ControllerSettings(lease_renew_interval_s=0.5, event_qps=1.0, event_burst=5)
-    )
-    hub = Hub(
-        HubSettings(host="127.0.0.1", port=0, heartbeat_s=2),
-        pki.server_context(),
-        source=controller.source,
-        sink=controller.reports,
-        lifecycle=controller.nodes,
-    )
-    controller.source.sink = hub
-    nursery.start_soon(controller.run)
-    with trio.fail_after(15):
-        await controller.source.ready.wait()
-    await nursery.start(hub.run)
-    return Cloud(controller, hub, pki)
+    settings = ControllerSettings(lease_renew_interval_s=0.5, event_qps=1.0, event_burst=5)
+    return await start_controller(cloud_kube, tmp_path, nursery, settings)
 
 
 @pytest.fixture
@@ -132,19 +57,6 @@ async def namespace(kube: AsyncClient) -> AsyncIterator[str]:
 
 def node_name() -> str:
     return f"ctl-{secrets.token_hex(3)}"
-
-
-@asynccontextmanager
-async def agent(cloud: Cloud, path: Path, node: str) -> AsyncIterator[FakeAgent]:
-    assert cloud.hub.port is not None
-    with Store(path) as store, Store(path) as reader:
-        edge = EdgeHub(AsyncStore(store), cloud.pki.edge_config(node, cloud.hub.port))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(edge.run)
-            with trio.fail_after(10):
-                await edge.link.wait_online()
-            yield FakeAgent(node, reader, edge)
-            nursery.cancel_scope.cancel()
 
 
 def pod(name: str, node: str, **spec: Any) -> Pod:
