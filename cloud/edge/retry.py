@@ -3,10 +3,14 @@ on before acknowledging a report."""
 
 from __future__ import annotations
 
+import logging
+
 import httpx2
 import tenacity
 import trio
 from lightkube.core.exceptions import ApiError
+
+log = logging.getLogger("cloud.edge")
 
 # Too many requests, conflicts from a concurrent writer, and the apiserver's own troubles.
 TRANSIENT_CODES = frozenset({409, 429, 500, 502, 503, 504})
@@ -28,5 +32,15 @@ def retrying(max_wait_s: float = 10.0, *, conflicts: bool = True) -> tenacity.As
         sleep=trio.sleep,
         wait=tenacity.wait_random_exponential(multiplier=0.2, max=max_wait_s),
         retry=tenacity.retry_if_exception(lambda exc: transient(exc, conflicts=conflicts)),
+        before_sleep=_log_retry,
         reraise=True,
+    )
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    # A write held back by retries holds its report's acknowledgement back too: say why.
+    error = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "Kubernetes write failed, retrying",
+        extra={"attempt": state.attempt_number, "error": str(error)},
     )

@@ -344,6 +344,7 @@ async def test_a_node_writes_only_its_own_pods_and_node(
         await eventually(
             lambda: is_running(kube, "mine", namespace),
             "its own pod's status is written",
+            within=30,
         )
         found = await kube.get(Pod, "mine", namespace=namespace)
         assert found.status.phase == "Running"
