@@ -17,14 +17,13 @@ from urllib.parse import urlsplit
 
 import trio
 
-from edge import node_info, sdnotify
+from edge import defaults, node_info, sdnotify
 from edge.devices.drivers import Buses
 from edge.devices.manager import DeviceManager, ManifestDevices
 from edge.images import ImageStore
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
 from edge.pods.network import PodNetwork
-from edge.pods.runc import DEFAULT_ROOT as DEFAULT_RUNC_ROOT
 from edge.pods.runc import Runc
 from edge.pods.runtime import ContainerRuntime
 from edge.pods.sources import ManifestFolder, store_objects, store_pods
@@ -42,9 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge.agent")
 
 STORE_FILE = "store.db"
-# Where KubeEdge's mapper-style apps expect the node's broker.
-DEFAULT_EVENTBUS = "mqtt://127.0.0.1:1883"
-DEFAULT_OUTBOX_BUDGET_MIB = DEFAULT_OUTBOX_BUDGET >> 20
 CLOUD_URL_FILE = "cloud-url"
 LINK_STATE_KEY = "cloud.link"
 # How often to look for reports other processes queued in the store.
@@ -79,7 +75,7 @@ class RunOptions:
     data_dir: Path
     cloud_urls: tuple[str, ...] = ()
     manifests: Path | None = None  # standalone mode when set
-    runc_root: Path = DEFAULT_RUNC_ROOT
+    runc_root: Path = defaults.RUNC_ROOT
     pod_subnet: str = "10.88.0.0/16"
     eventbus: str | None = None
     outbox_budget: int = DEFAULT_OUTBOX_BUDGET

@@ -6,6 +6,7 @@ non-zero; only a bug prints a traceback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import re
@@ -13,18 +14,17 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
-import trio
 
-from edge import agent, logs
+from edge import defaults, logs
 from edge.cli_options import data_dir_option
-from edge.devices.cli import device
-from edge.images.cli import image
-from edge.pods import logs as pod_logs
-from edge.store import StoreError
 from edge.version import __version__, build_info
+
+# The agent, images and devices are imported by the commands that use them, not here: the native
+# binary's `outpost version` would otherwise load some 900 modules to print one line.
 
 # Kubernetes node names are DNS-1123 subdomains.
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -66,7 +66,28 @@ def validate_cloud_url(ctx: click.Context, param: click.Parameter, value: str) -
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A group whose subgroups are imported only when one of them is run or listed."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy  # command name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attribute = self.lazy[cmd_name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={"image": "edge.images.cli:image", "device": "edge.devices.cli:device"},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -111,7 +132,7 @@ def cli(log_level: str) -> None:
 @click.option(
     "--runc-root",
     type=click.Path(file_okay=False, path_type=Path),
-    default=agent.DEFAULT_RUNC_ROOT,
+    default=defaults.RUNC_ROOT,
     show_default=True,
     envvar="OUTPOST_RUNC_ROOT",
     help="runc's state folder for Outpost's containers (on tmpfs: a reboot clears it).",
@@ -125,7 +146,7 @@ def cli(log_level: str) -> None:
 )
 @click.option(
     "--eventbus",
-    default=agent.DEFAULT_EVENTBUS,
+    default=defaults.EVENTBUS,
     show_default=True,
     envvar="OUTPOST_EVENTBUS",
     help="mqtt:// URL of the local broker where device twins are published on KubeEdge's"
@@ -134,7 +155,7 @@ def cli(log_level: str) -> None:
 @click.option(
     "--outbox-budget",
     type=click.IntRange(1, 1 << 20),
-    default=agent.DEFAULT_OUTBOX_BUDGET_MIB,
+    default=defaults.OUTBOX_BUDGET >> 20,
     show_default=True,
     envvar="OUTPOST_OUTBOX_BUDGET",
     help="MiB of reports kept for the cloud while it is away; over it, device telemetry history"
@@ -157,6 +178,11 @@ def run(
     they are adopted again on the next start. After a reboot every pod in the store is started
     again, without the cloud.
     """
+    import trio
+
+    from edge import agent
+    from edge.store import StoreError
+
     if manifests is not None and not standalone:
         raise click.UsageError("--manifests applies only with --standalone")
     if standalone and manifests is None:
@@ -205,7 +231,9 @@ def join(cloud: str, token: str, node_name: str | None, data_dir: Path) -> None:
     Trades the bootstrap token for a node certificate bound to the node name. The private key
     is made here and never leaves this gateway.
     """
-    from edge import identity  # only joining needs the certificate code
+    import trio
+
+    from edge import agent, identity
 
     node = node_name or _host_node_name()
     try:
@@ -235,6 +263,9 @@ def status(data_dir: Path, as_json: bool) -> None:
 
     Reads the agent's store, so it works whether or not the agent is running.
     """
+    from edge import agent
+    from edge.store import StoreError
+
     try:
         info = agent.status(data_dir)
     except (agent.AgentError, StoreError) as exc:
@@ -285,6 +316,10 @@ def logs_command(
 ) -> None:
     """Print a container's output, from the log files the agent keeps (with or without it
     running), including its rotated files."""
+    import trio
+
+    from edge.pods import logs as pod_logs
+
     try:
         folder = pod_logs.container_log_dir(data_dir, namespace, pod, container)
         path = pod_logs.current_log(folder)
@@ -300,6 +335,8 @@ def logs_command(
 
 
 def _print_messages(data: bytes) -> None:
+    from edge.pods import logs as pod_logs
+
     for entry in pod_logs.messages(data):
         stream = sys.stderr.buffer if entry.stream == "stderr" else sys.stdout.buffer
         stream.write(entry.content + b"\n")
@@ -308,6 +345,8 @@ def _print_messages(data: bytes) -> None:
 
 async def _follow(folder: Path, path: Path) -> None:
     """Print what is appended, across rotations and container restarts."""
+    import trio
+
     offset = path.stat().st_size  # noqa: ASYNC240 - one stat before the loop
     pending = b""
     while True:
@@ -321,6 +360,8 @@ async def _follow(folder: Path, path: Path) -> None:
 
 def _poll(folder: Path, path: Path, offset: int) -> tuple[Path, int, bytes]:
     """What was appended to the latest log since ``offset``."""
+    from edge.pods import logs as pod_logs
+
     latest = pod_logs.current_log(folder)
     if latest != path:  # the container restarted: its new run has a new file
         path, offset = latest, 0
@@ -331,10 +372,6 @@ def _poll(folder: Path, path: Path, offset: int) -> tuple[Path, int, bytes]:
         f.seek(offset)
         chunk = f.read(size - offset)
     return path, size, chunk
-
-
-cli.add_command(image)
-cli.add_command(device)
 
 
 def main() -> None:

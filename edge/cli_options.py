@@ -8,14 +8,14 @@ from typing import Any
 
 import click
 
-DEFAULT_DATA_DIR = Path("/var/lib/outpost")
+from edge import defaults
 
 
 def data_dir_option(help_text: str = "The agent's data folder.") -> Callable[[Any], Any]:
     return click.option(
         "--data-dir",
         type=click.Path(file_okay=False, path_type=Path),
-        default=DEFAULT_DATA_DIR,
+        default=defaults.DATA_DIR,
         show_default=True,
         envvar="OUTPOST_DATA_DIR",
         help=help_text,

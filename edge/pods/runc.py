@@ -19,9 +19,11 @@ from typing import Any
 
 import trio
 
+from edge import defaults
+
 log = logging.getLogger("edge.pods.runc")
 
-DEFAULT_ROOT = Path("/run/outpost/runc")
+DEFAULT_ROOT = defaults.RUNC_ROOT
 
 
 class RuncError(Exception):

@@ -35,12 +35,13 @@ from typing import Any
 
 import apsw
 
+from edge import defaults
 from edge.store import outbox
 from edge.store.outbox import ReportResult
 from edge.store.schema import LATEST, MIGRATIONS, pack, unpack
 from edge.wire.events import DOWNSTREAM_OPS, UPSTREAM_OPS, Message, Op
 
-DEFAULT_OUTBOX_BUDGET = 64 * 1024 * 1024
+DEFAULT_OUTBOX_BUDGET = defaults.OUTBOX_BUDGET
 """Bytes the outbox may hold while the cloud is away (see ``edge.store.outbox``)."""
 
 # After a checkpoint SQLite truncates the WAL file to this size, so one large transaction does not

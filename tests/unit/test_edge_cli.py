@@ -100,3 +100,32 @@ def test_expected_failures_are_one_line(args, message, tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
+
+
+def test_version_and_command_help_load_neither_the_agent_nor_trio():
+    # A warm start of the native binary is mostly imports: `outpost version` must stay light.
+    probe = (
+        "import sys\n"
+        "from edge.cli import cli\n"
+        "for argv in (['version'], ['run', '--help'], ['join', '--help'], ['status', '--help']):\n"
+        "    try:\n"
+        "        cli(argv, prog_name='outpost')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('edge.agent', 'edge.pods.manager', 'edge.hub', 'trio', 'httpx2', 'apsw')\n"
+        "print('heavy:' + ','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "      or any(m == h or m.startswith(h + '.') for h in heavy))))\n"
+    )
+    out = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "heavy:"
+
+
+def test_subgroups_load_when_used():
+    result = invoke("image", "--help")
+    assert result.exit_code == 0
+    assert "pull" in result.output
+    result = invoke("device", "--help")
+    assert result.exit_code == 0
+    assert "ls" in result.output
