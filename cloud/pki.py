@@ -186,7 +186,7 @@ class CertificateAuthority:
     @property
     def ca_hash(self) -> str:
         """What bootstrap tokens pin this CA by: hex SHA-256 of the certificate's DER."""
-        return ca_hash(self._cert)
+        return ca_hash(self._cert.public_bytes(serialization.Encoding.DER))
 
     def _leaf(
         self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey

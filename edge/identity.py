@@ -20,6 +20,8 @@ The identity lives in ``<data_dir>/identity/`` (mode 0700): ``node.key`` (0600),
 and ``ca.crt``. The node name is the certificate's common name, so it is not stored twice.
 
 Nothing here imports the cloud: the cloud imports the token format and the CA hash from here.
+Keys and certificates are handled by OpenSSL through ``edge.openssl``, not the ``cryptography``
+package, which would not fit the binary's size budget.
 """
 
 from __future__ import annotations
@@ -37,11 +39,9 @@ from urllib.parse import urlsplit
 import msgpack
 import trio
 import trio_websocket
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from edge import openssl
+from edge.openssl import Certificate, OpenSSLError, PrivateKey
 
 TOKEN_VERSION = "OPT1"
 IDENTITY_DIR = "identity"
@@ -126,56 +126,60 @@ def parse_token(text: str) -> Token:
     return Token(ca_hash=ca_hash, id=token_id, secret=secret)
 
 
-def ca_hash(cert: x509.Certificate) -> str:
-    """The hash a bootstrap token pins a CA by: hex SHA-256 of the certificate's DER."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+def ca_hash(cert: bytes) -> str:
+    """The hash a bootstrap token pins a CA by: hex SHA-256 of the certificate's DER.
+
+    ``cert`` is the certificate as DER, or as PEM holding exactly that one certificate.
+    """
+    if cert.lstrip().startswith(b"-----BEGIN"):
+        cert = _one_certificate(cert, "the CA certificate").der
+    return hashlib.sha256(cert).hexdigest()
 
 
-def generate_key() -> ec.EllipticCurvePrivateKey:
+def generate_key() -> PrivateKey:
     """A new node key (EC P-256)."""
-    return ec.generate_private_key(ec.SECP256R1())
+    try:
+        return openssl.generate_p256_key()
+    except OpenSSLError as exc:
+        raise IdentityError(f"cannot make this gateway's key: {exc}") from exc
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey, node: str) -> bytes:
+def make_csr(key: PrivateKey, node: str) -> bytes:
     """A PEM certificate signing request for ``node``, signed by ``key``."""
     if not 0 < len(node) <= MAX_NODE_NAME:
         raise IdentityError(
             f"node name {node!r} has {len(node)} characters; node certificates carry it as"
             f" their common name, which X.509 limits to {MAX_NODE_NAME}: pick a shorter name"
         )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
-
-
-def _one_certificate(pem: bytes, what: str) -> x509.Certificate:
     try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
+        return openssl.make_csr(key, node)
+    except OpenSSLError as exc:
+        raise IdentityError(f"cannot make a certificate request for node {node!r}: {exc}") from exc
+
+
+def _one_certificate(pem: bytes, what: str) -> Certificate:
+    try:
+        certs = openssl.read_certificates(pem)
+    except OpenSSLError as exc:
         raise IdentityError(f"{what} is not a PEM certificate: {exc}") from exc
+    if not certs:
+        raise IdentityError(f"{what} is not a PEM certificate: no BEGIN CERTIFICATE block found")
     if len(certs) != 1:
         raise IdentityError(f"{what} holds {len(certs)} certificates, not 1")
     return certs[0]
 
 
-def check_ca(ca_pem: bytes, expected_hash: str) -> x509.Certificate:
+def check_ca(ca_pem: bytes, expected_hash: str) -> Certificate:
     """The CA certificate in ``ca_pem``, if its hash is the one a bootstrap token pinned."""
     cert = _one_certificate(ca_pem, "the CA the cloud sent")
-    actual = ca_hash(cert)
+    actual = ca_hash(cert.der)
     if actual != expected_hash:
         raise IdentityError(
             f"the cloud presented a CA with hash {actual}, but the token pins {expected_hash}:"
             " the token is for another cloud (check --cloud), or something between this"
             " gateway and the cloud is intercepting the connection"
         )
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
+    if not cert.is_ca:
         raise IdentityError(
             "the certificate the token pins is not a CA certificate: recreate the token with"
             " `outpost-cloud token create`"
@@ -227,23 +231,16 @@ def prepare_identity_dir(data_dir: Path) -> Path:
     return directory
 
 
-def save_identity(
-    data_dir: Path, key: ec.EllipticCurvePrivateKey, cert_pem: bytes, ca_pem: bytes
-) -> Identity:
+def save_identity(data_dir: Path, key: PrivateKey, cert_pem: bytes, ca_pem: bytes) -> Identity:
     """Write the identity under ``data_dir``, replacing any previous one."""
     cert = _one_certificate(cert_pem, "the node certificate")
     node = _common_name(cert)
     directory = prepare_identity_dir(data_dir)
     key_path, cert_path, ca_path = _identity_paths(data_dir)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
     try:
         # The certificate goes last: until it is replaced, an interrupted save leaves a key that
         # does not match it, which load_identity reports rather than using.
-        _write_atomically(key_path, key_pem, 0o600)
+        _write_atomically(key_path, key.pem, 0o600)
         _write_atomically(ca_path, ca_pem, 0o644)
         _write_atomically(cert_path, cert_pem, 0o644)
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -256,11 +253,10 @@ def save_identity(
     return Identity(node=node, key_path=key_path, cert_path=cert_path, ca_path=ca_path)
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        raise IdentityError(f"certificate {cert.subject.rfc4514_string()!r} has no single name")
-    return names[0].value
+def _common_name(cert: Certificate) -> str:
+    if len(cert.common_names) != 1:
+        raise IdentityError(f"certificate {cert.subject!r} has no single name")
+    return cert.common_names[0]
 
 
 def load_identity(data_dir: Path) -> Identity | None:
@@ -279,10 +275,11 @@ def load_identity(data_dir: Path) -> Identity | None:
     try:
         cert = _one_certificate(cert_path.read_bytes(), str(cert_path))
         _one_certificate(ca_path.read_bytes(), str(ca_path))
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError) as exc:
+        key = openssl.load_private_key(key_path.read_bytes())
+        matches = openssl.key_matches(cert, key)
+    except (OSError, OpenSSLError) as exc:
         raise IdentityError(f"cannot read the identity in {key_path.parent}: {exc}") from exc
-    if key.public_key() != cert.public_key():
+    if not matches:
         raise IdentityError(
             f"{key_path} does not belong to {cert_path} (a join was interrupted):"
             " run `outpost join` again"
@@ -403,17 +400,19 @@ async def _exchange(
     return reply.encode() if isinstance(reply, str) else reply
 
 
-def _check_certificate(
-    cert_pem: bytes, ca: x509.Certificate, key: ec.EllipticCurvePrivateKey, node: str
-) -> None:
+def _check_certificate(cert_pem: bytes, ca: Certificate, key: PrivateKey, node: str) -> None:
     cert = _one_certificate(cert_pem, "the certificate the cloud issued")
     try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+        issued = openssl.is_issued_by(cert, ca)
+        matches = openssl.key_matches(cert, key)
+    except OpenSSLError as exc:
+        raise IdentityError(f"cannot check the certificate the cloud issued: {exc}") from exc
+    if not issued:
         raise IdentityError(
-            f"the certificate the cloud issued is not signed by its CA: {exc}"
-        ) from exc
-    if cert.public_key() != key.public_key() or _common_name(cert) != node:
+            "the certificate the cloud issued is not signed by its CA: its issuer name or"
+            f" signature does not match the CA {ca.subject!r}"
+        )
+    if not matches or _common_name(cert) != node:
         raise IdentityError(f"the certificate the cloud issued is not for this key and node {node}")
 
 
