@@ -222,7 +222,7 @@ outpost_install() {
             echo "# Where the binary unpacks itself on its first start (outpost/<version>-<build>/)."
             echo "XDG_CACHE_HOME=$cache_home"
         } >"$env_file"
-        chmod 0644 "$env_file"
+        chmod 0600 "$env_file"  # root's alone: it may come to hold credentials (a proxy URL)
         info "installed: $env_file"
         note_change env
     fi

@@ -285,6 +285,7 @@ async def test_install_twice_then_uninstall_without_systemd(cloud: dict, tmp_pat
     assert (root / "usr/local/bin/outpost").read_text() == STAND_IN.format(version=VERSION)
     assert (root / "usr/local/bin/outpost").stat().st_mode & 0o777 == 0o755
     assert "OUTPOST_DATA_DIR=/var/lib/outpost" in (root / "etc/outpost/outpost.env").read_text()
+    assert stat.S_IMODE((root / "etc/outpost/outpost.env").stat().st_mode) == 0o600
     assert (root / "var/lib/outpost/identity/node.crt").exists()
     joined = (root / "joined-with").read_text()
     assert f"--cloud {cloud['hub']}" in joined
