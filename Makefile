@@ -11,12 +11,19 @@ PYTEST := $(BIN)/pytest
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 export OUTPOST_CACHE_DIR ?= $(HOME)/.cache/outpost
 
+# Debian's own Python (not a pyenv or a hand-built one, which bring their headers) needs its
+# -venv package for `python -m venv` and its -dev package (Python.h, libpython) for Nuitka.
+PYTHON_DEBS := $(shell $(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; \
+	sys.base_prefix == "/usr" and print(f"python{v}-dev python{v}-venv")' 2>/dev/null)
 # What the tests and the appliance need from Debian: runc and CNI plugins for pods, mosquitto
 # for the eventbus, socat for serial PTY pairs, docker-registry as a local OCI registry,
-# iproute2 for network namespaces, libglib2.0-dev to build bluepy, patchelf and ccache for the
-# native binary build, debootstrap for the gateway rootfs (`make rootfs`).
+# iproute2 for network namespaces, libglib2.0-dev to build bluepy; for the native binary
+# (`make binary`) a C compiler and libc headers, patchelf and ccache; for the gateway rootfs
+# (`make rootfs`) debootstrap and e2fsprogs (mkfs.ext4, e2fsck, debugfs); busybox-static, curl
+# and openssl for the installer's test roots.
 DEB_PACKAGES := runc containernetworking-plugins mosquitto socat docker-registry iproute2 iptables \
-	libglib2.0-dev patchelf ccache ca-certificates busybox-static debootstrap
+	libglib2.0-dev gcc libc6-dev patchelf ccache ca-certificates busybox-static curl openssl \
+	debootstrap e2fsprogs $(PYTHON_DEBS)
 
 # pytest exits 5 when a selection collects no test (say, hw-tests on a machine without
 # hardware); that is not a failure of the code under test.
@@ -25,17 +32,18 @@ define pytest
 endef
 
 .PHONY: help setup deb-packages controlplane demo cluster test test-unit test-integration \
-	test-hw lint fmt clean rootfs
+	test-hw lint fmt clean rootfs appliance
 
 help:
 	@echo "make setup      install Debian packages, create .venv, build the test control plane"
 	@echo "make demo       set up, then run a control plane, outpost-cloud and an edge node with pods"
-	@echo "make test       set up, lint, then run every test (what CI runs)"
+	@echo "make test       set up, lint, build the binary and the rootfs, run every test (CI)"
 	@echo "make test-unit  the fast tier: unit tests only, no control plane"
 	@echo "make cluster    run a control plane for kubectl until Ctrl-C"
 	@echo "make rootfs     gateway root filesystem (tarball + ext4) with Outpost; cached"
 	@echo "make lint       ruff check and format check;  make fmt  rewrites the code"
 	@echo "make binary     build the native edge binary (cached; prints its path)"
+	@echo "make appliance  the binary, then the rootfs with it (what \`make test\` builds first)"
 
 setup: deb-packages $(VENV)/.installed controlplane
 
@@ -75,7 +83,17 @@ cluster: setup
 rootfs: deb-packages $(VENV)/.installed
 	$(SUDO) env OUTPOST_CACHE_DIR=$(OUTPOST_CACHE_DIR) $(BIN)/python -m rootfs.build
 
-test: setup lint
+# The binary, then the rootfs that carries it (--require-binary: never an image without it).
+# Both cached: with nothing changed this takes about a second.
+appliance: binary
+	$(SUDO) env OUTPOST_CACHE_DIR=$(OUTPOST_CACHE_DIR) $(BIN)/python -m rootfs.build \
+		--require-binary
+
+# Every test, the built binary's smoke suite and the rootfs tests included: `appliance` builds
+# them first, and OUTPOST_REQUIRE_BINARY=1 makes a test that finds no binary or rootfs for the
+# current sources fail instead of skipping (tests/appliance.py).
+test: export OUTPOST_REQUIRE_BINARY := 1
+test: setup lint appliance
 	$(call pytest,-q)
 
 test-unit: $(VENV)/.installed

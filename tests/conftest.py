@@ -1,7 +1,8 @@
 """Fixtures shared by every test tier.
 
 ``control_plane`` starts one real Kubernetes control plane per test session, the first time a
-test asks for it; unit tests never do, so the unit tier needs no Go build.
+test asks for it; unit tests never do, so the unit tier needs no Go build. ``outpost_binary`` is
+the built edge binary (tests/appliance.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
 
+from tests.appliance import binary_or_missing
 from tests.cluster import build
 from tests.cluster.controlplane import ControlPlane
 
@@ -29,6 +31,13 @@ def control_plane() -> Iterator[ControlPlane]:
         )
     with ControlPlane() as plane:
         yield plane
+
+
+@pytest.fixture(scope="session")
+def outpost_binary() -> Path:
+    """The built edge binary (`make binary`): skipped without it, failed under
+    OUTPOST_REQUIRE_BINARY=1 (`make test`); see tests/appliance.py."""
+    return binary_or_missing()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,10 @@
 #                      INSTALL_OUTPOST_SYSTEMD_DIR  where the unit goes (/etc/systemd/system)
 #
 # The binary and the unit are checked against SHA256SUMS, and SHA256SUMS against its Ed25519
-# signature with the key pinned below. A second run changes nothing and says so.
+# signature with the key pinned below; the binary must run here (`outpost version`) before it
+# replaces anything. A second run changes nothing and says so. The binary unpacks itself on its
+# first start: everything this script runs, and the agent through outpost.env, unpacks into
+# /var/cache/outpost/ (XDG_CACHE_HOME=/var/cache), not into root's home.
 # outpost-uninstall.sh (next to the binary) removes what this installed.
 #
 # The whole script is one function, called on the last line: a download cut short runs nothing.
@@ -37,6 +40,9 @@ outpost_install() {
         echo "[outpost] error: $*" >&2
         exit 1
     }
+    # Where the onefile binary unpacks itself (outpost/<version>-<build>/): /var/cache, for the
+    # agent under systemd or not, and for every run of it here.
+    cache_home=/var/cache
     truthy() {
         case "${1:-}" in
             1 | true | yes | on | TRUE | YES) return 0 ;;
@@ -82,8 +88,8 @@ outpost_install() {
     case "$(uname -m)" in
         x86_64 | amd64) arch=amd64 ;;
         aarch64 | arm64) arch=arm64 ;;
-        armv7* | armv8l | armhf) arch=arm ;;
-        *) fatal "no Outpost build for this machine ($(uname -m)); there are amd64, arm64, armv7" ;;
+        armv7* | armv8l) arch=arm ;;
+        *) fatal "no Outpost build for this machine ($(uname -m)): there are amd64 (x86_64), arm64 (aarch64) and arm (armv7l)" ;;
     esac
 
     if [ -z "$init" ]; then
@@ -170,6 +176,11 @@ outpost_install() {
         mkdir -p "$bin_dir"
         cp "$tmp/outpost" "$binary.new"
         chmod 0755 "$binary.new"
+        # Run from $bin_dir, not $tmp: /tmp may be mounted noexec.
+        if ! ran="$(XDG_CACHE_HOME="$cache_home" "$binary.new" version 2>&1)"; then
+            rm -f "$binary.new"
+            fatal "the outpost binary of release $version does not run on this machine: $(echo "$ran" | tail -n 1)"
+        fi
         mv -f "$binary.new" "$binary"
         info "installed: $binary"
         note_change binary
@@ -208,8 +219,10 @@ outpost_install() {
             echo "# Settings for the Outpost agent, KEY=value (no quotes, no expansion): OUTPOST_RUN_ARGS,"
             echo "# OUTPOST_URL, OUTPOST_LOG_LEVEL, ... (outpost run --help lists them)."
             echo "OUTPOST_DATA_DIR=$data_dir"
+            echo "# Where the binary unpacks itself on its first start (outpost/<version>-<build>/)."
+            echo "XDG_CACHE_HOME=$cache_home"
         } >"$env_file"
-        chmod 0644 "$env_file"
+        chmod 0600 "$env_file"  # root's alone: it may come to hold credentials (a proxy URL)
         info "installed: $env_file"
         note_change env
     fi
@@ -222,12 +235,17 @@ outpost_install() {
             fatal "this gateway has not joined a cloud: pass --token (from \`outpost-cloud token create NODE\`)"
         set -- join --cloud "$cloud_url" --token "$token" --data-dir "$data_dir"
         [ -z "$node_name" ] || set -- "$@" --node-name "$node_name"
-        "$binary" "$@" || fatal "joining $cloud_url failed (the token is still unused if the cloud refused it)"
+        XDG_CACHE_HOME="$cache_home" "$binary" "$@" || fatal "joining $cloud_url failed (the token is still unused if the cloud refused it)"
         note_change join
     fi
 
     # -- the uninstaller -----------------------------------------------------------------------
     uninstall="$bin_dir/outpost-uninstall.sh"
+    # The folder this build unpacks into, <version>-<build key>, for the copy of it an `outpost`
+    # run by hand as root leaves in /root/.cache (a stand-in without JSON gives none).
+    built="$(XDG_CACHE_HOME="$cache_home" "$binary" version --json 2>/dev/null || true)"
+    build_version="$(echo "$built" | sed -n 's/.*"version": *"\([0-9A-Za-z.+_-]*\)".*/\1/p')"
+    build_key="$(echo "$built" | sed -n 's/.*"source_key": *"\([0-9a-f]*\)".*/\1/p')"
     pid_file=/run/outpost.pid
     log_file=/var/log/outpost.log
     {
@@ -259,8 +277,19 @@ outpost_install() {
         echo 'fi'
         echo "rm -f '$binary' '$env_file'"
         echo "rmdir '$(dirname "$env_file")' 2>/dev/null"
+        echo "# Unpacked binaries: every one this installer ran, and this one's in root's home."
+        echo "rm -rf '$cache_home/outpost'"
+        if [ -n "$build_version" ] && [ -n "$build_key" ]; then
+            echo "rm -rf '/root/.cache/outpost/$build_version-$build_key'"
+            echo "rmdir /root/.cache/outpost 2>/dev/null"
+        fi
         echo "if [ \"\$keep_data\" = false ]; then rm -rf '$data_dir'; fi"
         echo "rm -f '$uninstall'"
+        # A folder of its own (--bin-dir), left empty now; never a system one.
+        case "$bin_dir" in
+            /usr/local/bin | /usr/local/sbin | /usr/bin | /usr/sbin | /bin | /sbin) ;;
+            *) echo "rmdir '$bin_dir' 2>/dev/null" ;;
+        esac
         echo 'echo "[outpost] removed"'
     } >"$tmp/uninstall"
     if [ -f "$uninstall" ] && cmp -s "$tmp/uninstall" "$uninstall"; then
@@ -310,6 +339,9 @@ outpost_install() {
                 note_change start
             fi
             (
+                # The token is spent; the agent needs none.
+                unset OUTPOST_TOKEN
+                export XDG_CACHE_HOME="$cache_home"
                 # KEY=value lines as systemd reads them: no quotes, no expansion.
                 while IFS= read -r line || [ -n "$line" ]; do
                     case "$line" in

@@ -1,7 +1,9 @@
 """Smoke tests of the built `outpost` binary itself (not the venv): it prints its build, runs a
-standalone pod from a manifest folder on runc, reports `status`, and joins a loopback cloud.
+standalone pod from a manifest folder on runc, joins a loopback cloud and runs the pod it sends,
+and reports both in `outpost status`.
 
-They skip when the binary for the current sources is not built (`make binary`)."""
+They skip when the binary for the current sources is not built (`make binary`), and fail
+instead under OUTPOST_REQUIRE_BINARY=1, as `make test` runs them (tests/appliance.py)."""
 
 from __future__ import annotations
 
@@ -113,6 +115,22 @@ class BinaryAgent(Managed):
     def status(self) -> dict:
         return json.loads(run(self.binary, "status", "--json", "--data-dir", self.data_dir).stdout)
 
+    def status_text(self) -> str:
+        return run(self.binary, "status", "--data-dir", self.data_dir).stdout
+
+    async def drain_and_stop(self) -> None:
+        """Once its pods are gone (deleted by the caller), wait until the agent has stopped
+        their containers and unmounted their volumes, then stop it; nothing stays mounted."""
+        with trio.move_on_after(60):
+            while (  # noqa: ASYNC110
+                self.process is not None
+                and self.process.returncode is None
+                and (self.containers() or await mounts_under(self.folder))
+            ):
+                await trio.sleep(0.2)
+        await self.stop()
+        assert await mounts_under(self.folder) == []
+
 
 async def mounts_under(folder: Path) -> list[str]:
     mounts = await trio.Path("/proc/mounts").read_text()
@@ -133,15 +151,7 @@ async def agent(outpost_binary: Path, tmp_path: Path) -> AsyncIterator[BinaryAge
     finally:
         for manifest in agent.manifests.glob("*.yaml"):
             manifest.unlink()
-        with trio.move_on_after(60):
-            while (  # noqa: ASYNC110
-                agent.process is not None
-                and agent.process.returncode is None
-                and (agent.containers() or await mounts_under(tmp_path))
-            ):
-                await trio.sleep(0.2)
-        await agent.stop()
-        assert await mounts_under(tmp_path) == []
+        await agent.drain_and_stop()
 
 
 @needs_root
@@ -167,19 +177,51 @@ spec:
     await until(lambda: len(agent.containers()) == 1, "the pod runs")
     logs = lambda: run(agent.binary, "logs", "hello", "--data-dir", agent.data_dir).stdout  # noqa: E731
     await until(lambda: logs() == "hello from the binary\n", "its output is logged")
+    # `outpost status` of a standalone gateway: no node, no cloud, never connected.
     status = agent.status()
-    assert status["node"] is None or isinstance(status["node"], str)
-    assert status["cloud"] in (None, "")
-    assert "node:" in run(agent.binary, "status", "--data-dir", agent.data_dir).stdout
+    assert status["node"] is None
+    assert status["cloud"] is None
+    assert status["link"]["online"] is False
+    assert status["link"]["reason"] == "never connected"
+    text = agent.status_text()
+    assert "node:      (not joined)\n" in text
+    assert "cloud:     (none)\n" in text
+    assert re.search(r"^link:      offline since .* \(never connected\)$", text, re.M), text
 
 
+@needs_root
 @pytest.mark.cluster
-async def test_it_joins_a_loopback_cloud_and_comes_online(
-    outpost_binary: Path, control_plane: ControlPlane, tmp_path: Path
+async def test_it_joins_a_loopback_cloud_and_runs_the_pod_it_sends(
+    outpost_binary: Path, control_plane: ControlPlane, image: str, tmp_path: Path
 ) -> None:
+    """`outpost join` with a token from `outpost-cloud token create`, `outpost run` linked to
+    that cloud, a pod bound to the node in Kubernetes running on runc, and `outpost status`."""
     cloud = Cloud(control_plane, tmp_path)
     await cloud.start()
     agent = BinaryAgent(outpost_binary, tmp_path / "edge")
+    pod = tmp_path / "pod.json"
+    pod.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "binary-smoke", "namespace": "default"},
+                "spec": {
+                    "nodeName": "binary-smoke",
+                    "hostNetwork": True,
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": image,
+                            "command": ["sh", "-c", "while true; do sleep 1; done"],
+                        }
+                    ],
+                },
+            }
+        )
+    )
     try:
         token = await cloud.token("binary-smoke")
         joined = run(
@@ -194,6 +236,27 @@ async def test_it_joins_a_loopback_cloud_and_comes_online(
         status = agent.status()
         assert status["node"] == "binary-smoke"
         assert status["cloud"] == cloud.url
+
+        control_plane.kubectl("apply", "-f", str(pod))
+        await until(lambda: len(agent.containers()) == 1, "the cloud's pod runs on runc")
+
+        def phase() -> str:
+            get = ("get", "pod", "binary-smoke", "-o", "jsonpath={.status.phase}")
+            return control_plane.kubectl(*get).stdout
+
+        await until(lambda: phase() == "Running", "Kubernetes shows the pod Running")
+        status = agent.status()
+        assert status["objects"].get("Pod") == 1, status
+        text = agent.status_text()
+        assert "node:      binary-smoke\n" in text
+        assert f"cloud:     {cloud.url}\n" in text
+        assert re.search(r"^link:      online since ", text, re.M), text
+        assert re.search(r"^objects:   .*\b1 Pod\b", text, re.M), text
     finally:
-        await agent.stop()
+        control_plane.kubectl("delete", "pod", "binary-smoke", "--wait=false", check=False)
+        await agent.drain_and_stop()
         await cloud.stop()
+        control_plane.kubectl(
+            "delete", "pod", "binary-smoke", "--force", "--grace-period=0", "--ignore-not-found",
+            check=False,
+        )  # fmt: skip

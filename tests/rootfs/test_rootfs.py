@@ -1,7 +1,9 @@
 """The gateway root filesystem (`make rootfs`), booted far enough to matter: a chroot with /proc,
 /sys, /dev and a fresh /run mounted in a private mount namespace.
 
-Skipped when the image of the current inputs is not built, or without root (chroot, mounts).
+Skipped when the image of the current inputs is not built (failed instead under
+OUTPOST_REQUIRE_BINARY=1, as `make test` runs them: tests/appliance.py), or without root (chroot,
+mounts).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from edge.agent import CLOUD_URL_FILE
 from rootfs import build
+from tests.appliance import missing
 from tests.channelkit import Cloud
 from tests.cluster.controlplane import ControlPlane
 
@@ -49,9 +52,9 @@ def image_dir() -> Path:
     try:
         directory = build.out_dir()
     except build.BuildError as exc:
-        pytest.skip(f"{exc}: fix it, then run `make rootfs`")
+        missing(f"{exc}: fix it, then run `make rootfs`")
     if not build.is_built(directory):
-        pytest.skip(f"no rootfs for the current inputs in {directory}: run `make rootfs`")
+        missing(f"no rootfs for the current inputs in {directory}: run `make rootfs`")
     return directory
 
 
@@ -181,9 +184,7 @@ def test_first_boot_join_runs_once_and_removes_the_token(tree: Path) -> None:
 @pytest.fixture(scope="module")
 def binary(tree: Path, manifest: dict) -> str:
     if not manifest["binary"]:
-        pytest.skip(
-            "the rootfs was built without the binary: run `make binary`, then `make rootfs`"
-        )
+        missing("the rootfs was built without the binary: run `make binary`, then `make rootfs`")
     return manifest["binary"]
 
 
