@@ -304,6 +304,12 @@ def nuitka_command(python: Path, src: Path, out: Path, key: str, jobs: int) -> l
         "--noinclude-pydoc-mode=nofollow",
         "--noinclude-IPython-mode=nofollow",
         *(f"--noinclude-custom-mode={name}:bytecode" for name in BYTECODE),
+        # Compiled code has importlib.metadata.version() resolved at build time; bytecode asks
+        # at run time, and these three call it on import.
+        "--include-distribution-metadata=httpx2,httpcore2,trio-websocket",
+        # Nuitka leaves json's C accelerator out unless asked; the agent parses runc's and the
+        # OCI files' JSON often enough to want it.
+        "--include-module=_json",
         # A fixed path per build: the first start unpacks there, later starts reuse it.
         f"--onefile-tempdir-spec={{CACHE_DIR}}/outpost/{version()}-{key}",
         f"--output-dir={out}",

@@ -21,6 +21,7 @@ from edge import defaults, node_info, sdnotify
 from edge.devices.drivers import Buses
 from edge.devices.manager import DeviceManager, ManifestDevices
 from edge.images import ImageStore
+from edge.pods import status as pod_status
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
 from edge.pods.network import PodNetwork
@@ -206,13 +207,20 @@ def _pod_services(
     )
 
     async def save_state(key: str, value: Any) -> None:
-        await aio.run(aio.store.set_state, key, value)
+        if value is None:
+            await aio.run(aio.store.delete_state, key)
+        else:
+            await aio.run(aio.store.set_state, key, value)
 
     async def load_state(key: str) -> Any:
         return await aio.run(aio.store.get_state, key)
 
     async def report(key: str, body: dict[str, Any]) -> None:
         await aio.run(aio.store.report, Op.STATUS, key, body)
+        # Kept apart from the outbox, which forgets a report once the cloud has it (and in
+        # standalone mode has no cloud): `outpost status` lists the pods from here.
+        state = pod_status.SUMMARY_STATE + body["uid"]
+        await save_state(state, None if body.get("stopped") else pod_status.summary(key, body))
         current = hub()
         if current is not None:
             current.outbox_changed()
@@ -382,6 +390,9 @@ def status(data_dir: Path) -> dict[str, object]:
             "link": link,
             "hwm": store.hwm,
             "objects": store.counts(),
+            "pods": {
+                summary.pop("pod"): summary for _, summary in store.states(pod_status.SUMMARY_STATE)
+            },
             "outbox": {"entries": entries, "bytes": size},
             "dropped": {str(op): n for op, n in store.dropped.items()},
         }

@@ -22,6 +22,7 @@ import click
 from edge import defaults, logs
 from edge.cli_options import data_dir_option
 from edge.version import __version__, build_info
+from edge.wire.keys import split_key
 
 # The agent, images and devices are imported by the commands that use them, not here: the native
 # binary's `outpost version` would otherwise load some 900 modules to print one line.
@@ -274,15 +275,24 @@ def status(data_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(info, sort_keys=True))
         return
     link = info["link"]
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(link["since"]))
+    since = (
+        f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(link['since']))} "
+        if link["since"]
+        else ""
+    )
     objects = ", ".join(f"{n} {kind}" for kind, n in sorted(info["objects"].items())) or "none"
     dropped = ", ".join(f"{n} {op}" for op, n in sorted(info["dropped"].items()) if n) or "none"
     click.echo(f"node:      {info['node'] or '(not joined)'}")
     click.echo(f"cloud:     {info['cloud'] or '(none)'}")
-    click.echo(
-        f"link:      {'online' if link['online'] else 'offline'} since {since} ({link['reason']})"
-    )
+    click.echo(f"link:      {'online' if link['online'] else 'offline'} {since}({link['reason']})")
     click.echo(f"objects:   {objects} (applied up to message {info['hwm']})")
+    click.echo(f"pods:      {len(info['pods']) or 'none'}")
+    for key, pod in sorted(info["pods"].items()):
+        namespace, _, name = split_key(key)
+        click.echo(
+            f"  {namespace}/{name}  {pod['phase']}  ready {pod['ready']}/{pod['containers']}"
+            f"  restarts {pod['restarts']}"
+        )
     click.echo(
         f"outbox:    {info['outbox']['entries']} reports, {info['outbox']['bytes']} bytes;"
         f" dropped for lack of space: {dropped}"

@@ -24,7 +24,7 @@ from edge.pods.cni import CniError
 from edge.pods.network import PodNetworkError
 from edge.pods.podspec import referenced_objects
 from edge.pods.runc import RuncError
-from edge.pods.status import ContainerStatus, PodRuntime, pod_status
+from edge.pods.status import SUMMARY_STATE, ContainerStatus, PodRuntime, pod_status
 from edge.pods.supervisor import (
     ANNOTATION_POD,
     PodSupervisor,
@@ -182,6 +182,7 @@ class PodManager:
                 log.warning("cannot tear down pod", extra={"pod_uid": uid, "error": str(exc)})
                 continue
             await self.s.save_state(f"pod/{uid}", None)
+            await self.s.save_state(SUMMARY_STATE + uid, None)
 
 
 def _stub(uid: str) -> dict[str, Any]:

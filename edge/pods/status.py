@@ -11,6 +11,10 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+# Local state key prefix of each pod's last status summary, by pod uid: `outpost status` reads
+# them, with or without the agent running.
+SUMMARY_STATE = "pod-status/"
+
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -207,3 +211,16 @@ def should_restart(policy: str, exit_code: int | None) -> bool:
     if policy == "OnFailure":
         return exit_code != 0
     return False
+
+
+def summary(key: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The few fields of pod ``key``'s status report that `outpost status` shows."""
+    status = report.get("status", {})
+    containers = status.get("containerStatuses", [])
+    return {
+        "pod": key,
+        "phase": status.get("phase", "Unknown"),
+        "ready": sum(1 for c in containers if c.get("ready")),
+        "containers": len(containers),
+        "restarts": sum(c.get("restartCount", 0) for c in containers),
+    }

@@ -502,6 +502,22 @@ class Store:
         row = self._db.execute("SELECT value FROM local_state WHERE key = ?", (key,)).fetchone()
         return default if row is None else unpack(row[0])
 
+    def states(self, prefix: str) -> list[tuple[str, Any]]:
+        """Every ``(key, value)`` of the local state whose key starts with ``prefix``, by key."""
+        # A range rather than LIKE: keys may hold '%' or '_', and the range uses the primary key.
+        return [
+            (key, unpack(value))
+            for key, value in self._db.execute(
+                "SELECT key, value FROM local_state WHERE key >= ? AND key < ? ORDER BY key",
+                (prefix, prefix + "\U0010ffff"),
+            )
+        ]
+
+    def delete_state(self, key: str) -> None:
+        """Forget ``key``; nothing happens if it was never set."""
+        with self._write(f"deleting local state {key!r}"):
+            self._db.execute("DELETE FROM local_state WHERE key = ?", (key,))
+
     def set_state(self, key: str, value: Any) -> None:
         """Store any msgpack-able ``value`` under ``key``, replacing what was there."""
         try:

@@ -64,6 +64,15 @@ def runc_containers(root: Path) -> dict[str, str]:
     return {c["id"]: c["status"] for c in json.loads(result.stdout or b"null") or []}
 
 
+def pod_statuses(data_dir: Path) -> dict:
+    result = subprocess.run(
+        [VENV_BIN / "outpost", "status", "--json", "--data-dir", data_dir],
+        capture_output=True,
+        check=True,
+    )
+    return json.loads(result.stdout)["pods"]
+
+
 async def test_ready_watchdog_and_stopping_reach_systemd(tmp_path: Path, image: str) -> None:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
@@ -130,6 +139,21 @@ spec:
                 capture_stdout=True,
             )
             assert result.stdout.decode().splitlines() == ["NOTIFY_SOCKET="]
+            # `outpost status` lists the pod, read from the store beside the running agent.
+            await until(
+                lambda: (
+                    pod_statuses(tmp_path / "data").get("default/Pod/app", {}).get("phase")
+                    == "Running"
+                ),
+                "outpost status shows the pod running",
+            )
+            assert pod_statuses(tmp_path / "data")["default/Pod/app"]["ready"] == 1
+            status = await trio.run_process(
+                [VENV_BIN / "outpost", "status", "--data-dir", tmp_path / "data"],
+                capture_stdout=True,
+            )
+            text = status.stdout.decode()
+            assert "pods:      1\n  default/app  Running  ready 1/1  restarts 0\n" in text, text
             assert systemd.times("STOPPING=1") == []
 
             process.send_signal(signal.SIGTERM)
@@ -149,6 +173,7 @@ spec:
             with trio.move_on_after(60):
                 while runc_containers(runc_root) or (pods.exists() and any(pods.iterdir())):  # noqa: ASYNC110
                     await trio.sleep(0.2)
+            assert pod_statuses(tmp_path / "data") == {}  # a removed pod leaves the list
             process.send_signal(signal.SIGTERM)
             with trio.move_on_after(10):
                 await process.wait()

@@ -171,6 +171,20 @@ def test_local_state_round_trips_and_survives_reopening(tmp_path: Path) -> None:
         assert store.get_state("bad", "absent") == "absent"
 
 
+def test_local_state_lists_by_prefix_and_forgets_deleted_keys(store: Store) -> None:
+    for key in ("pod-status/b", "pod-status/a", "pod/a", "pod-status%", "pod-statusx", "z"):
+        store.set_state(key, key.upper())
+    # Only keys under the prefix, in key order: not a LIKE pattern, not a neighbouring prefix.
+    assert store.states("pod-status/") == [
+        ("pod-status/a", "POD-STATUS/A"),
+        ("pod-status/b", "POD-STATUS/B"),
+    ]
+    store.delete_state("pod-status/a")
+    store.delete_state("never-set")
+    assert store.states("pod-status/") == [("pod-status/b", "POD-STATUS/B")]
+    assert store.get_state("pod-status/a", "gone") == "gone"
+
+
 def test_sync_deletes_every_object_not_listed_and_keeps_the_rest(store: Store) -> None:
     store.apply_batch([put(1, "a", "1"), put(2, "b", "2"), put(3, "c", "3")])
     inventory = ["ns/ConfigMap/a", "ns/ConfigMap/c", "ns/ConfigMap/not-yet-sent"]
