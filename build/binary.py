@@ -70,6 +70,27 @@ NOFOLLOW = [
     "pycparser",
     "yaml._yaml",
     "_yaml",
+    # decimal falls back to its pure-Python twin (already bundled); only pod specs' quantities
+    # use it, once per pod.
+    "_decimal",
+    # Codecs no gateway text is in (the agent reads UTF-8 and ASCII, HTTP adds Latin-1).
+    "encodings.cp*",
+    "encodings.mac_*",
+    "encodings.iso2022*",
+    "encodings.euc_*",
+    "encodings.shift_jis*",
+    "encodings.gb*",
+    "encodings.big5*",
+    "encodings.hz",
+    "encodings.johab",
+    "encodings.koi8_*",
+    "encodings.kz1048",
+    "encodings.ptcp154",
+    "encodings.tis_620",
+    "encodings.hp_roman8",
+    "encodings.palmos",
+    "_codecs_*",
+    "_multibytecodec",
     "pydoc",
     "tkinter",
     "lib2to3",
@@ -168,6 +189,10 @@ BYTECODE = [
     "typing_extensions",
     "sniffio",
     "outcome",
+    "trio",
+    "sortedcontainers",
+    "msgpack",
+    "apsw",
 ]
 
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.images import ImageStore
-from edge.images.registry import RetryPolicy
+from edge.images import ImageStore, RetryPolicy
 from edge.pods.cni import NetworkConfig
 from edge.pods.manager import PodManager
 from edge.pods.network import PodNetwork

@@ -36,9 +36,8 @@ from edge.images.index import Image, Layer
 from edge.images.manifest import ImageConfig
 from edge.images.mount import MountError, mount_rootfs, unmount
 from edge.images.platforms import Platform, host_platform
-from edge.images.policy import PullPolicy, pull_policy, should_pull
+from edge.images.policy import PullPolicy, RetryPolicy, pull_policy, should_pull
 from edge.images.reference import Reference, normalize
-from edge.images.registry import RetryPolicy
 from edge.images.store import DEFAULT_BUDGET_BYTES, GcResult, ImageStore
 
 __all__ = [

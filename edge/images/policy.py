@@ -11,6 +11,7 @@ Left out, the policy is ``Always`` for ``:latest`` or an image without tag or di
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 from edge.images.errors import ImageNeverPullError
@@ -51,3 +52,18 @@ def should_pull(policy: PullPolicy, present: bool, image: str) -> bool:
             " `outpost image import` or change the policy"
         )
     return False
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long to keep trying a registry that does not answer: ``attempts`` tries per request,
+    waiting up to ``initial_s`` doubling up to ``max_s`` in between (a random part of it: full
+    jitter); ``timeout_s`` bounds each connect, read and write."""
+
+    attempts: int = 5
+    initial_s: float = 1.0
+    max_s: float = 30.0
+    timeout_s: float = 30.0
+
+
+DEFAULT_RETRY = RetryPolicy()

@@ -27,7 +27,6 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -51,6 +50,7 @@ from edge.images.errors import (
     RegistryUnavailableError,
 )
 from edge.images.manifest import ACCEPT, MAX_MANIFEST_BYTES, Descriptor
+from edge.images.policy import DEFAULT_RETRY, RetryPolicy
 from edge.images.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -59,21 +59,6 @@ T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _MAX_ERROR_BODY = 16 * 1024
 _HASH_CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How long to keep trying a registry that does not answer: ``attempts`` tries per request,
-    waiting up to ``initial_s`` doubling up to ``max_s`` in between (a random part of it: full
-    jitter); ``timeout_s`` bounds each connect, read and write."""
-
-    attempts: int = 5
-    initial_s: float = 1.0
-    max_s: float = 30.0
-    timeout_s: float = 30.0
-
-
-DEFAULT_RETRY = RetryPolicy()
 
 
 class PartialFile(Protocol):

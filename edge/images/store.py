@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -57,8 +58,11 @@ from edge.images.index import Image, ImageIndex, Layer
 from edge.images.manifest import Index, Manifest, ParsedConfig
 from edge.images.mount import mounted_lowerdirs
 from edge.images.platforms import Platform, compatible, host_platform
+from edge.images.policy import DEFAULT_RETRY, RetryPolicy
 from edge.images.reference import Reference, normalize
-from edge.images.registry import DEFAULT_RETRY, RegistryClient, RetryPolicy
+
+if TYPE_CHECKING:
+    from edge.images.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +241,10 @@ class ImageStore:
         reference = Reference.parse(ref)
         wanted = Platform.parse(platform) if isinstance(platform, str) else platform
         tracker = _Tracker(progress)
+        # Imported on the first pull: a gateway whose images are all in place never loads the
+        # HTTP stack (some 100 modules, several MiB of the agent's memory).
+        from edge.images.registry import RegistryClient
+
         try:
             async with (
                 self._content_in_use(),

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
 import trio
 
 log = logging.getLogger("edge.pods.probes")
@@ -105,11 +104,7 @@ async def run_probe(spec: ProbeSpec, target: Target, ports: dict[str, int]) -> t
                 host = get.get("host") or target.ip
                 url = f"{scheme}://{host}:{_port(get['port'], ports)}{get.get('path', '/')}"
                 headers = {h["name"]: h["value"] for h in get.get("httpHeaders", [])}
-                # Kubernetes does not verify probe certificates.
-                async with httpx2.AsyncClient(verify=False, trust_env=False) as client:
-                    response = await client.get(url, headers=headers)
-                ok = 200 <= response.status_code < 400
-                return ok, f"HTTP {response.status_code} from {url}"
+                return await _http_get(url, headers)
             if "tcpSocket" in handler:
                 tcp = handler["tcpSocket"]
                 host = tcp.get("host") or target.ip
@@ -118,9 +113,24 @@ async def run_probe(spec: ProbeSpec, target: Target, ports: dict[str, int]) -> t
                 return True, "connected"
     except trio.TooSlowError:
         return False, f"timed out after {spec.timeout_s} s"
-    except (OSError, httpx2.HTTPError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         return False, str(exc) or type(exc).__name__
     return False, "no exec, httpGet or tcpSocket handler (grpc probes are not supported)"
+
+
+async def _http_get(url: str, headers: dict[str, str]) -> tuple[bool, str]:
+    # Imported on the first HTTP probe: a gateway without one never loads the HTTP stack (some
+    # 100 modules, several MiB of the agent's memory).
+    import httpx2
+
+    try:
+        # Kubernetes does not verify probe certificates.
+        async with httpx2.AsyncClient(verify=False, trust_env=False) as client:
+            response = await client.get(url, headers=headers)
+    except httpx2.HTTPError as exc:
+        return False, str(exc) or type(exc).__name__
+    ok = 200 <= response.status_code < 400
+    return ok, f"HTTP {response.status_code} from {url}"
 
 
 async def probe_forever(

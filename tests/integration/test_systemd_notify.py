@@ -173,10 +173,10 @@ spec:
             with trio.move_on_after(60):
                 while runc_containers(runc_root) or (pods.exists() and any(pods.iterdir())):  # noqa: ASYNC110
                     await trio.sleep(0.2)
-            assert pod_statuses(tmp_path / "data") == {}  # a removed pod leaves the list
             process.send_signal(signal.SIGTERM)
             with trio.move_on_after(10):
                 await process.wait()
             if process.returncode is None:
                 process.kill()
             nursery.cancel_scope.cancel()
+    assert pod_statuses(tmp_path / "data") == {}  # a removed pod leaves `outpost status`

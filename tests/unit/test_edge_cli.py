@@ -129,3 +129,18 @@ def test_subgroups_load_when_used():
     result = invoke("device", "--help")
     assert result.exit_code == 0
     assert "ls" in result.output
+
+
+def test_the_agent_loads_the_http_stack_only_to_pull_or_probe():
+    # Most of an idle gateway's memory is imported modules: httpx2 and its ~100 are needed
+    # only for a pull or an HTTP probe, not to run the pods already in place.
+    probe = (
+        "import sys\n"
+        "import edge.agent, edge.pods.probes, edge.images.store\n"
+        "print('http:' + ','.join(sorted(m for m in sys.modules if m.split('.')[0]\n"
+        "      in ('httpx2', 'httpcore2', 'anyio', 'h11'))))\n"
+    )
+    out = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "http:"
