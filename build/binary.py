@@ -330,8 +330,9 @@ def nuitka_command(python: Path, src: Path, out: Path, key: str, jobs: int) -> l
         "--noinclude-IPython-mode=nofollow",
         *(f"--noinclude-custom-mode={name}:bytecode" for name in BYTECODE),
         # Compiled code has importlib.metadata.version() resolved at build time; bytecode asks
-        # at run time, and these three call it on import.
-        "--include-distribution-metadata=httpx2,httpcore2,trio-websocket",
+        # at run time: httpx2, httpcore2 and trio-websocket call it on import (the last one
+        # for trio's version).
+        "--include-distribution-metadata=httpx2,httpcore2,trio-websocket,trio",
         # Nuitka leaves json's C accelerator out unless asked; the agent parses runc's and the
         # OCI files' JSON often enough to want it.
         "--include-module=_json",
