@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 NUITKA = "nuitka==4.3.3"
 # Packages the edge never imports at runtime (cloud code, tests, test tools, the optional BLE
 # driver that is not in the runtime venv) or that only appear in code paths the agent never runs:
-# anyio's asyncio backend (httpx2 runs on trio), multiprocessing (concurrent.futures' process
+# anyio's asyncio backend (httpx2 runs on trio; asyncio itself stays: pymodbus's client
+# imports it), multiprocessing (concurrent.futures' process
 # pool), cffi (trio's fallback for platforms without os.waitid), PyYAML's C loader (the edge
 # parses a few small manifests with the pure-Python one). Nuitka also bundles every standard
 # library module nothing excludes; the second group is the standard library the agent never
@@ -63,7 +64,6 @@ NOFOLLOW = [
     "IPython",
     "anyio._backends._asyncio",
     "anyio.to_process",
-    "asyncio",
     "multiprocessing",
     "concurrent.futures.process",
     "cffi",

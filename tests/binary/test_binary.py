@@ -23,6 +23,56 @@ from tests.cluster.controlplane import ControlPlane
 from tests.hubkit import until
 from tests.podkit import busybox_registry
 from tests.processes import REPO
+from tests.serialkit import modbus_line, modbus_tcp_server
+
+MODEL = {
+    "apiVersion": "devices.outpost.io/v1beta1",
+    "kind": "DeviceModel",
+    "metadata": {"name": "thermostat"},
+    "spec": {
+        "protocol": "modbus",
+        "properties": [
+            {"name": "temperature", "type": "float", "accessMode": "ReadOnly", "unit": "C"},
+            {"name": "setpoint", "type": "float", "accessMode": "ReadWrite"},
+        ],
+    },
+}
+
+
+def device(name: str, protocol: dict, desired: str) -> dict:
+    def visit(register: str, offset: int, scale: float) -> dict:
+        return {
+            "collectCycle": 200_000_000,
+            "reportCycle": 500_000_000,
+            "visitors": {
+                "protocolName": "modbus",
+                "configData": {
+                    "register": register,
+                    "offset": offset,
+                    "dataType": "int16",
+                    "scale": scale,
+                },
+            },
+        }
+
+    return {
+        "apiVersion": "devices.outpost.io/v1beta1",
+        "kind": "Device",
+        "metadata": {"name": name},
+        "spec": {
+            "deviceModelRef": {"name": "thermostat"},
+            "protocol": protocol,
+            "properties": [
+                {"name": "temperature", **visit("InputRegister", 0, 0.1)},
+                {
+                    "name": "setpoint",
+                    "desired": {"value": desired},
+                    **visit("HoldingRegister", 1, 0.5),
+                },
+            ],
+        },
+    }
+
 
 pytestmark = pytest.mark.binary
 
@@ -187,6 +237,67 @@ spec:
     assert "node:      (not joined)\n" in text
     assert "cloud:     (none)\n" in text
     assert re.search(r"^link:      offline \(never connected\)$", text, re.M), text
+    await until(
+        lambda: agent.status()["pods"].get("default/Pod/hello", {}).get("phase") == "Running",
+        "status lists the pod running",
+    )
+    assert "  default/hello  Running  ready 1/1  restarts 0\n" in agent.status_text()
+
+
+async def test_standalone_modbus_devices_over_tcp_and_a_serial_line(
+    agent: BinaryAgent, tmp_path: Path
+) -> None:
+    """The device stack in the binary: pymodbus (TCP) and minimalmodbus + pyserial (RTU on a
+    PTY) are loaded by name at run time, so only a real read shows they made it in."""
+    async with (
+        modbus_tcp_server(tmp_path / "tcp", slaves=(1,)) as tcp,
+        modbus_line(tmp_path / "rtu", baudrate=19200, slaves=(3,)) as line,
+    ):
+        await tcp.set(1, "ir", 0, [215])
+        await line.set(3, "ir", 0, [187])
+        protocols = {
+            "over-tcp": {
+                "protocolName": "modbus-tcp",
+                "configData": {"ip": tcp.host, "port": tcp.tcp_port, "slaveID": 1},
+            },
+            "over-rtu": {
+                "protocolName": "modbus-rtu",
+                "configData": {"serialPort": line.port, "baudRate": 19200, "slaveID": 3},
+            },
+        }
+        documents = [MODEL] + [
+            device(name, protocol, desired="20.5") for name, protocol in protocols.items()
+        ]
+        (agent.manifests / "devices.yaml").write_text(
+            "---\n".join(json.dumps(d) + "\n" for d in documents)
+        )
+        await agent.start("--standalone", "--manifests", agent.manifests, "--eventbus", "")
+
+        def twin(name: str) -> dict:
+            result = subprocess.run(
+                [agent.binary, "device", "--data-dir", agent.data_dir, "get", name, "--json"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            return json.loads(result.stdout) if result.returncode == 0 else {}
+
+        def prop(name: str, what: str) -> str | None:
+            props = {p["name"]: p for p in twin(name).get("properties", [])}
+            return props.get(what, {}).get("value")
+
+        with trio.fail_after(30):
+            for name, expected in (("over-tcp", "21.5"), ("over-rtu", "18.7")):
+                while prop(name, "temperature") != expected:  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+                while prop(name, "setpoint") != "20.5":  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+                assert twin(name)["state"] == "online"
+        # The desired setpoint reached each device's holding register (scale 0.5).
+        assert await tcp.get(1, "hr", 1) == [41]
+        assert await line.get(3, "hr", 1) == [41]
+        listing = run(agent.binary, "device", "--data-dir", agent.data_dir, "ls").stdout
+        assert re.search(r"^over-rtu\s+.*online", listing, re.M), listing
 
 
 @needs_root
