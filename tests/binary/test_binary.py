@@ -297,7 +297,7 @@ async def test_standalone_modbus_devices_over_tcp_and_a_serial_line(
         assert await tcp.get(1, "hr", 1) == [41]
         assert await line.get(3, "hr", 1) == [41]
         listing = run(agent.binary, "device", "--data-dir", agent.data_dir, "ls").stdout
-        assert re.search(r"^over-rtu\s+.*online", listing, re.M), listing
+        assert re.search(r"^default\s+over-rtu\s+online\s+modbus-rtu\s", listing, re.M), listing
 
 
 @needs_root
