@@ -43,6 +43,7 @@ help:
 	@echo "make rootfs     gateway root filesystem (tarball + ext4) with Outpost; cached"
 	@echo "make lint       ruff check and format check;  make fmt  rewrites the code"
 	@echo "make binary     build the native edge binary (cached; prints its path)"
+	@echo "make binary-cross ARCH=arm64|armhf   the same for an ARM gateway, in an emulated chroot"
 	@echo "make appliance  the binary, then the rootfs with it (what \`make test\` builds first)"
 
 setup: deb-packages $(VENV)/.installed controlplane
@@ -118,6 +119,15 @@ fmt: $(VENV)/.installed
 .PHONY: binary
 binary: deb-packages $(VENV)/.installed
 	@$(BIN)/python build/binary.py
+
+# The edge binary for another CPU (ARCH=arm64 or armhf), built in an emulated Debian chroot;
+# long the first time (build/README.md, "Cross builds"). Prints the path of outpost-linux-<arch>.
+.PHONY: binary-cross
+binary-cross:
+	@command -v qemu-aarch64-static >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+		qemu-user-static debootstrap git; }
+	$(SUDO) env OUTPOST_CACHE_DIR=$(OUTPOST_CACHE_DIR) build/cross.sh $(or $(ARCH),arm64)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .demo
