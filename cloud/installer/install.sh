@@ -362,6 +362,21 @@ outpost_install() {
         fi
     fi
 
+    # -- unpacked copies of earlier builds ------------------------------------------------------
+    # Each build unpacks into its own folder, tens of MB of a gateway's flash; once the agent
+    # runs this build, the folders of earlier ones are unused. Not with --skip-start: the
+    # agent still running may be the earlier build.
+    case "$changed" in *binary*)
+        if [ -n "$build_version" ] && [ -n "$build_key" ] && ! truthy "$skip_start"; then
+            for old in "$cache_home"/outpost/*-*; do
+                [ -d "$old" ] && [ "$old" != "$cache_home/outpost/$build_version-$build_key" ] || continue
+                rm -rf "$old"
+                info "removed the unpacked copy of an earlier build: $old"
+            done
+        fi
+        ;;
+    esac
+
     if [ -z "$changed" ]; then
         info "nothing changed: Outpost $version is installed"
     else

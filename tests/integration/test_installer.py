@@ -60,8 +60,16 @@ ARCH = RELEASE_ARCH.get(platform.machine(), platform.machine())
 NODE = "gw-install"
 STAND_IN = """#!/bin/sh
 # A stand-in for the outpost binary, release {version}.
+# Like the onefile binary, every run unpacks into its build's own folder.
+[ -n "${{XDG_CACHE_HOME:-}}" ] && mkdir -p "$XDG_CACHE_HOME/outpost/{version}-{key}"
 case "$1" in
-version) echo "outpost {version} (stand-in)" ;;
+version)
+    if [ "${{2:-}}" = --json ]; then
+        echo '{{"build": "release", "source_key": "{key}", "version": "{version}"}}'
+    else
+        echo "outpost {version} (stand-in)"
+    fi
+    ;;
 join)
     shift
     data=/var/lib/outpost
@@ -78,6 +86,17 @@ run) exec sleep 100000 ;;
 *) exit 2 ;;
 esac
 """
+
+
+def stand_in(version: str) -> str:
+    return STAND_IN.format(version=version, key=build_key(version))
+
+
+def build_key(version: str) -> str:
+    """The stand-in's build key, as the real binary's 16 hex digits."""
+    return hashlib.sha256(version.encode()).hexdigest()[:16]
+
+
 NOT_FOR_THIS_MACHINE = """#!/bin/sh
 echo "outpost: cannot execute binary file: Exec format error" >&2
 exit 126
@@ -209,7 +228,7 @@ async def cloud(control_plane: ControlPlane, tmp_path: Path):
     """A loopback cloud serving the stand-in releases, reachable from an edge namespace."""
     releases = tmp_path / "releases"
     for version in (OLDER, VERSION):
-        release(releases, version, STAND_IN.format(version=version).encode())
+        release(releases, version, stand_in(version).encode())
     release(releases, BROKEN, NOT_FOR_THIS_MACHINE.encode())
     async with serving(control_plane, tmp_path, releases) as served:
         yield served
@@ -282,7 +301,7 @@ async def test_install_twice_then_uninstall_without_systemd(cloud: dict, tmp_pat
     assert first.returncode == 0
     assert "installed: /usr/local/bin/outpost" in first.stderr
     assert "done:" in first.stderr
-    assert (root / "usr/local/bin/outpost").read_text() == STAND_IN.format(version=VERSION)
+    assert (root / "usr/local/bin/outpost").read_text() == stand_in(VERSION)
     assert (root / "usr/local/bin/outpost").stat().st_mode & 0o777 == 0o755
     assert "OUTPOST_DATA_DIR=/var/lib/outpost" in (root / "etc/outpost/outpost.env").read_text()
     assert stat.S_IMODE((root / "etc/outpost/outpost.env").stat().st_mode) == 0o600
@@ -371,7 +390,7 @@ async def test_tampered_binary_and_tampered_checksums_are_refused(cloud: dict, t
     assert in_root(link, root, "/usr/local/bin/outpost-uninstall.sh").returncode == 0
     assert snapshot(root) == before
 
-    evil = STAND_IN.format(version=VERSION).replace("exec sleep", "echo owned; exec sleep")
+    evil = stand_in(VERSION).replace("exec sleep", "echo owned; exec sleep")
     (mirror / f"outpost-linux-{ARCH}").write_text(evil)
     before = snapshot(root)
     tampered = in_root(link, root, from_mirror)
@@ -380,7 +399,7 @@ async def test_tampered_binary_and_tampered_checksums_are_refused(cloud: dict, t
     assert snapshot(root) == before
 
     sums = (mirror / "SHA256SUMS").read_text()
-    good_hash = hashlib.sha256(STAND_IN.format(version=VERSION).encode()).hexdigest()
+    good_hash = hashlib.sha256(stand_in(VERSION).encode()).hexdigest()
     evil_hash = hashlib.sha256(evil.encode()).hexdigest()
     (mirror / "SHA256SUMS").write_text(sums.replace(good_hash, evil_hash))
     before = snapshot(root)
@@ -426,7 +445,7 @@ async def test_environment_variables_instead_of_options(cloud: dict, tmp_path: P
     assert first.returncode == 0
     assert f"release {OLDER} for linux-{ARCH} from {cloud['url']}/releases" in first.stderr
     assert "installed: /opt/outpost/outpost" in first.stderr
-    assert (root / "opt/outpost/outpost").read_text() == STAND_IN.format(version=OLDER)
+    assert (root / "opt/outpost/outpost").read_text() == stand_in(OLDER)
     assert not (root / "usr/local/bin/outpost").exists()
     joined = (root / "joined-with").read_text()
     assert "--cloud https://cloud.example:8443" in joined
@@ -437,6 +456,34 @@ async def test_environment_variables_instead_of_options(cloud: dict, tmp_path: P
     removed = in_root(link, root, "/opt/outpost/outpost-uninstall.sh")
     assert removed.returncode == 0
     assert snapshot(root) == before  # /opt/outpost too: it was the installer's
+
+
+async def test_an_upgrade_removes_the_unpacked_copy_of_the_earlier_build(
+    cloud: dict, tmp_path: Path
+):
+    link, root = cloud["link"], tmp_path / "root"
+    make_root(root)
+    (root / "ca.crt").write_bytes(cloud["ca"])
+    unpacked = root / "var/cache/outpost"
+
+    older = in_root(
+        link, root, install_command(cloud, "--token", cloud["token"], "--version", OLDER)
+    )
+    assert older.returncode == 0, older.stderr
+    assert [p.name for p in unpacked.iterdir()] == [f"{OLDER}-{build_key(OLDER)}"]
+    first_pid = int((root / "run/outpost.pid").read_text())
+
+    newer = in_root(link, root, install_command(cloud, "--token", cloud["token"]))
+    assert newer.returncode == 0, newer.stderr
+    assert (root / "usr/local/bin/outpost").read_text() == stand_in(VERSION)
+    assert not pid_alive(first_pid)  # the agent now runs the new build
+    assert [p.name for p in unpacked.iterdir()] == [f"{VERSION}-{build_key(VERSION)}"]
+    assert "removed the unpacked copy of an earlier build" in newer.stderr
+
+    again = in_root(link, root, install_command(cloud, "--token", cloud["token"]))
+    assert f"nothing changed: Outpost {VERSION} is installed" in again.stderr
+    assert [p.name for p in unpacked.iterdir()] == [f"{VERSION}-{build_key(VERSION)}"]
+    assert in_root(link, root, "/usr/local/bin/outpost-uninstall.sh").returncode == 0
 
 
 FAKE_UNAME = """#!/bin/sh
