@@ -27,6 +27,7 @@ or, with ``readOnly``, read-only.
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import os
 import shutil
@@ -631,6 +632,9 @@ def prepare_pod_dir(pod: Mapping[str, Any], layout: PodLayout) -> None:
         os.chmod(log, 0o666)
 
 
+_MAX_STACKED_MOUNTS = 16
+
+
 def release_pod_dir(layout: PodLayout) -> None:
     """Unmount everything under the pod's directory and remove it (its containers are gone).
 
@@ -639,11 +643,24 @@ def release_pod_dir(layout: PodLayout) -> None:
     """
     root = str(layout.root)
     for point in sorted(_mount_points(), key=len, reverse=True):
-        inside = point == root or point.startswith(root + "/")
-        if inside and _libc().umount2(os.fsencode(point), 0) != 0:
-            error = ctypes.get_errno()
-            raise VolumeError(f"cannot unmount {point}: {os.strerror(error)}")
+        if point == root or point.startswith(root + "/"):
+            _unmount_all(point)
     shutil.rmtree(layout.root, ignore_errors=True)
+
+
+def _unmount_all(point: str) -> None:
+    """Unmount ``point`` until nothing is mounted there: mount propagation can stack copies
+    of one mount on the same path, and the table lists such a path once."""
+    for _ in range(_MAX_STACKED_MOUNTS):
+        if _libc().umount2(os.fsencode(point), 0) != 0:
+            error = ctypes.get_errno()
+            # EINVAL: not a mount point (any more), e.g. gone since the table was read.
+            if error == errno.EINVAL and point not in _mount_points():
+                return
+            raise VolumeError(f"cannot unmount {point}: {os.strerror(error)}")
+        if point not in _mount_points():
+            return
+    raise VolumeError(f"cannot unmount {point}: still mounted after {_MAX_STACKED_MOUNTS} tries")
 
 
 # --- one container's mounts -------------------------------------------------------------------

@@ -302,3 +302,17 @@ def test_pod_dir_memory_volumes_are_mounted_and_released(tmp_path: Path) -> None
         volumes.release_pod_dir(layout)
     assert str(layout.root) not in Path("/proc/self/mountinfo").read_text()
     assert not layout.root.exists()
+
+
+def test_release_unmounts_stacked_mounts_and_ones_already_gone(tmp_path: Path) -> None:
+    """Mount propagation can stack copies of a mount on one path, which the mount table lists
+    once; and a mount can go away between reading the table and unmounting."""
+    layout = volumes.PodLayout(tmp_path / "pod")
+    stacked = layout.root / "stacked"
+    stacked.mkdir(parents=True)
+    for _ in range(3):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", stacked], check=True)
+    assert Path("/proc/self/mountinfo").read_text().count(str(stacked)) == 3
+    volumes.release_pod_dir(layout)
+    assert str(layout.root) not in Path("/proc/self/mountinfo").read_text()
+    assert not layout.root.exists()
