@@ -102,6 +102,14 @@ def test_expected_failures_are_one_line(args, message, tmp_path):
     assert message in result.stderr
 
 
+def last_line_of(code: str) -> str:
+    """The last line ``code`` prints, run in a fresh interpreter (nothing imported yet)."""
+    out = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return out.splitlines()[-1]
+
+
 def test_version_and_command_help_load_neither_the_agent_nor_trio():
     # A warm start of the native binary is mostly imports: `outpost version` must stay light.
     probe = (
@@ -116,10 +124,7 @@ def test_version_and_command_help_load_neither_the_agent_nor_trio():
         "print('heavy:' + ','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
         "      or any(m == h or m.startswith(h + '.') for h in heavy))))\n"
     )
-    out = subprocess.run(
-        [str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.splitlines()[-1] == "heavy:"
+    assert last_line_of(probe) == "heavy:"
 
 
 def test_subgroups_load_when_used():
@@ -140,7 +145,4 @@ def test_the_agent_loads_the_http_stack_only_to_pull_or_probe():
         "print('http:' + ','.join(sorted(m for m in sys.modules if m.split('.')[0]\n"
         "      in ('httpx2', 'httpcore2', 'anyio', 'h11'))))\n"
     )
-    out = subprocess.run(
-        [str(VENV_BIN / "python"), "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.splitlines()[-1] == "http:"
+    assert last_line_of(probe) == "http:"
