@@ -215,12 +215,20 @@ def _pod_services(
     async def load_state(key: str) -> Any:
         return await aio.run(aio.store.get_state, key)
 
-    async def report(key: str, body: dict[str, Any]) -> None:
-        await aio.run(aio.store.report, Op.STATUS, key, body)
-        # Kept apart from the outbox, which forgets a report once the cloud has it (and in
-        # standalone mode has no cloud): `outpost status` lists the pods from here.
+    def report_and_remember(key: str, body: dict[str, Any]) -> None:
+        # The summary is kept apart from the outbox, which forgets a report once the cloud has
+        # it (and in standalone mode has no cloud): `outpost status` lists the pods from it.
+        # One commit for both: a status report is the pods' most frequent write.
         state = pod_status.SUMMARY_STATE + body["uid"]
-        await save_state(state, None if body.get("stopped") else pod_status.summary(key, body))
+        with aio.store.batch():
+            aio.store.report(Op.STATUS, key, body)
+            if body.get("stopped"):
+                aio.store.delete_state(state)
+            else:
+                aio.store.set_state(state, pod_status.summary(key, body))
+
+    async def report(key: str, body: dict[str, Any]) -> None:
+        await aio.run(report_and_remember, key, body)
         current = hub()
         if current is not None:
             current.outbox_changed()
