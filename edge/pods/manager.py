@@ -22,7 +22,7 @@ import trio
 from edge.pods import process
 from edge.pods.cni import CniError
 from edge.pods.network import PodNetworkError
-from edge.pods.podspec import referenced_objects
+from edge.pods.resolver import referenced_objects
 from edge.pods.runc import RuncError
 from edge.pods.status import SUMMARY_STATE, ContainerStatus, PodRuntime, pod_status
 from edge.pods.supervisor import (

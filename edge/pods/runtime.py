@@ -25,10 +25,12 @@ from edge.images import ImageError, ImageStore, credentials_for, mount_rootfs, u
 from edge.images.errors import ImageNeverPullError, RegistryUnavailableError
 from edge.images.policy import pull_policy, should_pull
 from edge.pods import runtime_spec, volumes
+from edge.pods.hostname import pod_hostname
 from edge.pods.network import PodNetwork, host_network_sandbox
-from edge.pods.podspec import ContainerConfigError, Resolver, pod_hostname, validate_pod
+from edge.pods.resolver import ContainerConfigError, Resolver
 from edge.pods.status import ContainerStatus
 from edge.pods.supervisor import ANNOTATION_CONTAINER, ANNOTATION_POD
+from edge.pods.validation import validate_pod
 from edge.wire.keys import TOKEN_KIND
 
 log = logging.getLogger("edge.pods")

@@ -17,7 +17,7 @@ spec, so that a pod behaves on Outpost as it does on a Kubernetes node:
   path works on cgroup v1 and v2 and on gateways without systemd.
 
 Deliberately not done: no seccomp filter (``RuntimeDefault`` is reported by
-``podspec.pod_warnings``), no AppArmor or SELinux, no swap limit (Kubernetes nodes run without
+``validation.pod_warnings``), no AppArmor or SELinux, no swap limit (Kubernetes nodes run without
 swap), no rlimits (containers inherit the agent's), and the process never has a terminal.
 Unlike Kubernetes, ``noNewPrivileges`` is on unless ``allowPrivilegeEscalation: true`` or
 ``privileged`` asks otherwise: secure by default.
@@ -31,20 +31,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from edge.pods.podspec import (
-    ALL_CAPABILITIES,
-    ContainerConfigError,
-    Resolver,
-    capability_name,
-    container_resources,
-    expand,
-    field_value,
-    get_container,
-    is_env_var_name,
-    pod_key,
-    qos_class,
-    resource_value,
-)
+from edge.pods.capabilities import ALL_CAPABILITIES, capability_name
+from edge.pods.containers import get_container, namespaced_name
+from edge.pods.downward import field_value, resource_value
+from edge.pods.expansion import expand
+from edge.pods.resolver import ContainerConfigError, Resolver
+from edge.pods.resources import container_resources, qos_class
+from edge.pods.validation import is_env_var_name
 from edge.pods.volumes import ContainerVolumes
 
 OCI_VERSION = "1.0.2"
@@ -207,7 +200,7 @@ def resolve_user(
     """
     pod_sc = (pod.get("spec") or {}).get("securityContext") or {}
     sc = container.get("securityContext") or {}
-    where = f"container {container.get('name')!r} of pod {pod_key(pod)}"
+    where = f"container {container.get('name')!r} of pod {namespaced_name(pod)}"
     run_as_user = _first(sc.get("runAsUser"), pod_sc.get("runAsUser"))
     if run_as_user is not None:
         uid = int(run_as_user)
@@ -274,7 +267,7 @@ def container_env(
     them, and ``$(VAR)`` never sees them, as in Kubernetes.
     """
     container = get_container(pod, container_name)
-    where = f"container {container_name!r} of pod {pod_key(pod)}"
+    where = f"container {container_name!r} of pod {namespaced_name(pod)}"
     namespace = (pod.get("metadata") or {}).get("namespace") or "default"
     values: dict[str, str] = {}
     for source in container.get("envFrom") or ():
@@ -519,7 +512,7 @@ def build_spec(
     ``image`` is the ``config`` object of the OCI image configuration (``User``, ``Env``,
     ``Entrypoint``, ``Cmd``, ``WorkingDir``); ``rootfs`` the container's root filesystem
     directory; ``volumes`` from ``volumes.container_volumes``; ``env`` from
-    ``container_env``; ``hostname`` from ``podspec.pod_hostname``. ``netns_path`` is the
+    ``container_env``; ``hostname`` from ``hostname.pod_hostname``. ``netns_path`` is the
     pod's network namespace (``/run/netns/…``); ``None`` gives the container a namespace of its
     own, and with ``hostNetwork`` it is ignored: the container stays in the host's. ``ids``
     resolves user and group names (``ImageIds.parse`` of the image's files). ``node_memory``

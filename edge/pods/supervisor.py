@@ -31,8 +31,8 @@ from typing import Any
 import trio
 
 from edge.pods import logs, process
-from edge.pods.podspec import ContainerConfigError
 from edge.pods.probes import ProbeSpec, ProbeState, Target, probe_forever
+from edge.pods.resolver import ContainerConfigError
 from edge.pods.runc import ContainerNotFound, Runc, RuncError
 from edge.pods.status import (
     ContainerStatus,

@@ -38,19 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge.pods.podspec import (
-    DEFAULT_TOKEN_EXPIRATION_S,
-    ContainerConfigError,
-    PodHostname,
-    Resolver,
-    all_containers,
-    container_resources,
-    expand,
-    field_value,
-    get_container,
-    quantity_value,
-    resource_value,
-)
+from edge.pods.containers import all_containers, get_container
+from edge.pods.downward import field_value, resource_value
+from edge.pods.expansion import expand
+from edge.pods.hostname import PodHostname
+from edge.pods.quantity import quantity_value
+from edge.pods.resolver import DEFAULT_TOKEN_EXPIRATION_S, ContainerConfigError, Resolver
+from edge.pods.resources import container_resources
 
 DEFAULT_FILE_MODE = 0o644
 SHM_SIZE = 64 * 1024 * 1024

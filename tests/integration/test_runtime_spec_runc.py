@@ -21,7 +21,9 @@ import pytest
 import trio
 
 from edge.pods import runtime_spec, volumes
-from edge.pods.podspec import Resolver, pod_hostname, validate_pod
+from edge.pods.hostname import pod_hostname
+from edge.pods.resolver import Resolver
+from edge.pods.validation import validate_pod
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = Path("/bin/busybox")

@@ -6,10 +6,8 @@ import base64
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from edge.pods.podspec import ContainerConfigError, Resolver, expand
+from edge.pods.resolver import ContainerConfigError, Resolver
 from edge.pods.runtime_spec import container_args, container_env
 
 
@@ -85,43 +83,6 @@ def test_command_and_args_are_expanded_but_the_image_is_not() -> None:
 def test_nothing_to_run_is_a_config_error() -> None:
     with pytest.raises(ContainerConfigError, match="nothing to run"):
         container_args({"name": "c"}, {}, {})
-
-
-# --- expansion --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "result"),
-    [
-        ("$(A)", "a"),
-        ("x$(A)y$(B)z", "xaybz"),
-        ("$$(A)", "$(A)"),
-        ("$$$(A)", "$a"),
-        ("$$", "$"),
-        ("$(MISSING)", "$(MISSING)"),
-        ("$(A", "$(A"),
-        ("$A", "$A"),
-        ("a$", "a$"),
-        ("$()", "$()"),
-        ("$(B)", "b"),
-    ],
-)
-def test_expansion_follows_kubernetes(text: str, result: str) -> None:
-    assert expand(text, {"A": "a", "B": "b"}) == result
-
-
-@given(st.text(alphabet="$()AB ab", max_size=30), st.dictionaries(st.sampled_from("AB"), st.text()))
-def test_expansion_never_crashes_and_keeps_text_without_dollars(
-    text: str, values: dict[str, str]
-) -> None:
-    result = expand(text, values)
-    if "$" not in text:
-        assert result == text
-
-
-@given(st.text(max_size=40))
-def test_doubling_every_dollar_escapes_everything(text: str) -> None:
-    assert expand(text.replace("$", "$$"), {"A": "x"}) == text
 
 
 # --- env --------------------------------------------------------------------------------------

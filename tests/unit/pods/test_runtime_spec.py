@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from edge.pods import runtime_spec
-from edge.pods.podspec import ALL_CAPABILITIES, ContainerConfigError
+from edge.pods.capabilities import ALL_CAPABILITIES
+from edge.pods.resolver import ContainerConfigError
 from edge.pods.runtime_spec import (
     DEFAULT_CAPABILITIES,
     ImageIds,

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from edge.pods.podspec import PodHostname, Resolver
+from edge.pods.hostname import PodHostname
+from edge.pods.resolver import Resolver
 from edge.pods.volumes import (
     SHM_SIZE,
     ContainerVolumes,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.pods.podspec import parse_quantity, quantity_milli, quantity_value
+from edge.pods.quantity import parse_quantity, quantity_milli, quantity_value
 
 
 @pytest.mark.parametrize(

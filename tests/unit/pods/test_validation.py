@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.pods.podspec import pod_hostname, pod_warnings, referenced_objects, validate_pod
+from edge.pods.validation import pod_warnings, validate_pod
 
 
 def make_pod(**spec: Any) -> dict[str, Any]:
@@ -404,20 +404,6 @@ def test_warnings_for_what_is_accepted_but_not_done() -> None:
     ]
 
 
-def test_hostname_rules() -> None:
-    pod = make_pod()
-    assert pod_hostname(pod, node_hostname="gw") == ("plant-gw", "plant-gw", "")
-    pod["spec"].update(hostname="h", subdomain="sub")
-    assert pod_hostname(pod, node_hostname="gw") == ("h", "h", "h.sub.site-1.svc.cluster.local")
-    pod["spec"]["setHostnameAsFQDN"] = True
-    assert pod_hostname(pod, node_hostname="gw").hostname == "h.sub.site-1.svc.cluster.local"
-    pod["spec"]["hostNetwork"] = True
-    assert pod_hostname(pod, node_hostname="gw") == ("gw", "gw", "")
-    long = make_pod()
-    long["metadata"]["name"] = "a" * 62 + "-b"
-    assert pod_hostname(long, node_hostname="gw").hostname == "a" * 62
-
-
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: (
@@ -459,46 +445,3 @@ def test_never_crashes_when_any_field_holds_anything(path: tuple[Any, ...], valu
 def test_absurdly_large_quantities_are_refused() -> None:
     pod = make_pod(containers=[container(resources={"limits": {"memory": "1e30"}})])
     assert validate_pod(pod) == ['spec.containers[0].resources.limits.memory: "1e30" is too large']
-
-
-def test_referenced_objects_are_everything_the_pod_uses_in_its_namespace() -> None:
-    pod = make_pod(
-        containers=[
-            container(
-                envFrom=[{"configMapRef": {"name": "env-cm"}}, {"secretRef": {"name": "env-s"}}],
-                env=[
-                    {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "a", "key": "k"}}},
-                    {"name": "B", "valueFrom": {"secretKeyRef": {"name": "b", "key": "k"}}},
-                    {"name": "C", "value": "plain"},
-                ],
-            )
-        ],
-        volumes=[
-            {"name": "cfg", "configMap": {"name": "vol-cm"}},
-            {"name": "sec", "secret": {"secretName": "vol-s"}},
-            {"name": "tmp", "emptyDir": {}},
-            {
-                "name": "api",
-                "projected": {
-                    "sources": [
-                        {"serviceAccountToken": {"path": "token"}},
-                        {"configMap": {"name": "kube-root-ca.crt"}},
-                        {"secret": {"name": "proj-s"}},
-                    ]
-                },
-            },
-        ],
-    )
-    pod["spec"]["imagePullSecrets"] = [{"name": "pull"}]
-    assert referenced_objects(pod) == {
-        ("ConfigMap", "env-cm"),
-        ("ConfigMap", "a"),
-        ("ConfigMap", "vol-cm"),
-        ("ConfigMap", "kube-root-ca.crt"),
-        ("Secret", "env-s"),
-        ("Secret", "b"),
-        ("Secret", "vol-s"),
-        ("Secret", "proj-s"),
-        ("Secret", "pull"),
-        ("ServiceAccountToken", pod["metadata"]["name"]),
-    }
