@@ -17,7 +17,8 @@ from edge.pods.manager import PodManager
 from edge.pods.network import PodNetwork
 from edge.pods.runc import Runc
 from edge.pods.runtime import ContainerRuntime
-from edge.pods.supervisor import Services, pod_key
+from edge.pods.supervisor import Services
+from edge.wire.keys import pod_key
 from tests.registry import Registry, build_image
 
 IMAGE_REPOSITORY = "test/busybox"

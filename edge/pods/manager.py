@@ -25,15 +25,9 @@ from edge.pods.network import PodNetworkError
 from edge.pods.resolver import referenced_objects
 from edge.pods.runc import RuncError
 from edge.pods.status import SUMMARY_STATE, ContainerStatus, PodRuntime, pod_status
-from edge.pods.supervisor import (
-    ANNOTATION_POD,
-    PodSupervisor,
-    Services,
-    container_hash,
-    pod_key,
-)
+from edge.pods.supervisor import ANNOTATION_POD, PodSupervisor, Services, container_hash
 from edge.pods.volumes import VolumeError
-from edge.wire.keys import TOKEN_KIND
+from edge.wire.keys import TOKEN_KIND, pod_key
 
 log = logging.getLogger("edge.pods")
 

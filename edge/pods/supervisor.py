@@ -43,7 +43,7 @@ from edge.pods.status import (
     should_restart,
 )
 from edge.pods.volumes import VolumeError
-from edge.wire.keys import object_key
+from edge.wire.keys import pod_key
 
 log = logging.getLogger("edge.pods")
 
@@ -54,11 +54,6 @@ EVENT_QUEUE = 64
 # Waiting reasons that mean the image could not be pulled: their retries are "Back-off
 # pulling image" events rather than a crash loop's.
 _PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff")
-
-
-def pod_key(pod: dict[str, Any]) -> str:
-    meta = pod["metadata"]
-    return object_key(meta.get("namespace", "default"), "Pod", meta["name"])
 
 
 def container_hash(container: dict[str, Any]) -> str:

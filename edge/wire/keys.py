@@ -51,6 +51,9 @@ logs anything else.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 NODE_PREFIX = "/Node/"
 INVENTORY_PREFIX = "/Inventory/"
 TOKEN_KIND = "ServiceAccountToken"
@@ -60,6 +63,13 @@ DEVICE_MODEL_KIND = "DeviceModel"
 
 def object_key(namespace: str, kind: str, name: str) -> str:
     return f"{namespace}/{kind}/{name}"
+
+
+def pod_key(pod: Mapping[str, Any]) -> str:
+    """``namespace/Pod/name`` of a pod manifest: the key the node holds it under, and the key
+    of its status reports and events."""
+    meta = pod["metadata"]
+    return object_key(meta.get("namespace", "default"), "Pod", meta["name"])
 
 
 def split_key(key: str) -> tuple[str, str, str]:
