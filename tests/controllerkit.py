@@ -9,7 +9,7 @@ of `outpost-cloud rbac`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,20 +52,6 @@ class FakeAgent:
     def report(self, op: Op, key: str, body: Any, coalesce_key: str | None = None) -> None:
         self.reader.report(op, key, body, coalesce_key=coalesce_key)
         self.edge.outbox_changed()
-
-
-async def eventually(check: Callable[[], Any], what: str, within: float = 15) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy."""
-    deadline = trio.current_time() + within
-    while True:
-        value = check()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await trio.sleep(0.1)
 
 
 async def start_controller(

@@ -7,11 +7,8 @@ Everything is real (TLS, WebSockets, SQLite); only Kubernetes is replaced, by a
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import trio
 
 from cloud.hub.server import NODE_ORGANIZATION
 from cloud.hub.tls import server_context
@@ -54,13 +51,3 @@ class Pki:
             ssl_context=self.client_context(self.node_pair(node)),
             **kwargs,  # type: ignore[arg-type]
         )
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Wait up to 15 s for ``predicate``, which other tasks or processes make true."""
-    try:
-        with trio.fail_after(15):
-            while not predicate():  # noqa: ASYNC110 - the state is not ours to signal
-                await trio.sleep(0.02)
-    except trio.TooSlowError:
-        raise AssertionError(f"timed out waiting until {what}") from None

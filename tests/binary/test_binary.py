@@ -20,10 +20,10 @@ import trio
 from edge.version import __version__
 from tests.channelkit import Cloud, LogFile, Managed, spawn
 from tests.cluster.controlplane import ControlPlane
-from tests.hubkit import until
 from tests.podkit import busybox_registry
 from tests.processes import REPO
 from tests.serialkit import modbus_line, modbus_tcp_server
+from tests.waiting import eventually
 
 MODEL = {
     "apiVersion": "devices.outpost.io/v1beta1",
@@ -224,9 +224,9 @@ spec:
     output = await agent.start("--standalone", "--manifests", agent.manifests)
     with trio.fail_after(30):
         await output.wait_for(r"msg=\"pods adopted\"")
-    await until(lambda: len(agent.containers()) == 1, "the pod runs")
+    await eventually(lambda: len(agent.containers()) == 1, "the pod runs")
     logs = lambda: run(agent.binary, "logs", "hello", "--data-dir", agent.data_dir).stdout  # noqa: E731
-    await until(lambda: logs() == "hello from the binary\n", "its output is logged")
+    await eventually(lambda: logs() == "hello from the binary\n", "its output is logged")
     # `outpost status` of a standalone gateway: no node, no cloud, never connected.
     status = agent.status()
     assert status["node"] is None
@@ -237,7 +237,7 @@ spec:
     assert "node:      (not joined)\n" in text
     assert "cloud:     (none)\n" in text
     assert re.search(r"^link:      offline \(never connected\)$", text, re.M), text
-    await until(
+    await eventually(
         lambda: agent.status()["pods"].get("default/Pod/hello", {}).get("phase") == "Running",
         "status lists the pod running",
     )
@@ -343,19 +343,19 @@ async def test_it_joins_a_loopback_cloud_and_runs_the_pod_it_sends(
         output = await agent.start()
         with trio.fail_after(30):
             await output.wait_for(r"msg=\"cloud link up\"")
-        await until(lambda: agent.status()["link"]["online"], "status shows the link online")
+        await eventually(lambda: agent.status()["link"]["online"], "status shows the link online")
         status = agent.status()
         assert status["node"] == "binary-smoke"
         assert status["cloud"] == cloud.url
 
         control_plane.kubectl("apply", "-f", str(pod))
-        await until(lambda: len(agent.containers()) == 1, "the cloud's pod runs on runc")
+        await eventually(lambda: len(agent.containers()) == 1, "the cloud's pod runs on runc")
 
         def phase() -> str:
             get = ("get", "pod", "binary-smoke", "-o", "jsonpath={.status.phase}")
             return control_plane.kubectl(*get).stdout
 
-        await until(lambda: phase() == "Running", "Kubernetes shows the pod Running")
+        await eventually(lambda: phase() == "Running", "Kubernetes shows the pod Running")
         status = agent.status()
         assert status["objects"].get("Pod") == 1, status
         text = agent.status_text()

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from tests.channelkit import LogFile, Managed, spawn
-from tests.hubkit import until
 from tests.podkit import busybox_registry
 from tests.processes import VENV_BIN
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
 
@@ -118,7 +118,7 @@ async def mounts_under(folder: Path) -> list[str]:
 async def test_pods_survive_kill_9_and_are_adopted_not_restarted(agent: Agent, image: str) -> None:
     agent.write_pods(image)
     await agent.start()
-    await until(lambda: len(agent.containers()) == PODS, "all pods run")
+    await eventually(lambda: len(agent.containers()) == PODS, "all pods run")
     before = agent.containers()
     await agent.kill()
     assert agent.containers() == before  # nothing depends on the agent being alive
@@ -139,7 +139,7 @@ async def test_after_a_reboot_every_pod_runs_again_without_the_cloud(
 ) -> None:
     agent.write_pods(image)
     await agent.start()
-    await until(lambda: len(agent.containers()) == PODS, "all pods run")
+    await eventually(lambda: len(agent.containers()) == PODS, "all pods run")
     before = agent.containers()
     await agent.kill()
     # A reboot: every container process gone, runc's state (on /run) gone, mounts gone.
@@ -149,5 +149,5 @@ async def test_after_a_reboot_every_pod_runs_again_without_the_cloud(
     for target in reversed(await mounts_under(agent.data_dir)):
         await trio.run_process(["umount", "-l", target])
     await agent.start()
-    await until(lambda: len(agent.containers()) == PODS, "every pod runs again")
+    await eventually(lambda: len(agent.containers()) == PODS, "every pod runs again")
     assert set(agent.containers().values()).isdisjoint(before.values())

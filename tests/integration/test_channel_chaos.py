@@ -25,8 +25,8 @@ from edge.wire.events import Op
 from edge.wire.keys import NODE_PREFIX
 from tests.channelkit import Cloud, Edge, cloud_objects, configmap
 from tests.cluster.controlplane import ControlPlane
-from tests.hubkit import until
 from tests.netns import EdgeLink, skip_unless_netns_capable
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -114,7 +114,7 @@ async def test_zero_loss_through_link_cuts_and_edge_kills(
 
             expected = await cloud_objects(kube, edge.node)
             assert len(expected) == OBJECTS
-            await until(lambda: edge.objects() == expected, "the edge holds the final state")
+            await eventually(lambda: edge.objects() == expected, "the edge holds the final state")
 
             def logged() -> list[dict]:
                 lines = (
@@ -124,7 +124,7 @@ async def test_zero_loss_through_link_cuts_and_edge_kills(
                 records = [json.loads(line) for line in lines]
                 return [r for r in records if not r["key"].startswith(NODE_PREFIX)]
 
-            await until(lambda: len(logged()) >= REPORTS, "every report reaches the cloud")
+            await eventually(lambda: len(logged()) >= REPORTS, "every report reaches the cloud")
             records = logged()
             assert sorted(r["body"]["n"] for r in records) == list(range(REPORTS))
             seqs = [r["seq"] for r in records]

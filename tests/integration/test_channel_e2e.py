@@ -18,7 +18,7 @@ from edge.wire.events import Op
 from edge.wire.keys import NODE_PREFIX
 from tests.channelkit import Cloud, Edge, cloud_objects, configmap
 from tests.cluster.controlplane import ControlPlane
-from tests.hubkit import until
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -69,7 +69,7 @@ async def test_a_joined_edge_gets_its_configmaps_and_its_reports_reach_the_cloud
             patch_type=PatchType.MERGE,
         )
         expected = await cloud_objects(kube, edge.node)
-        await until(lambda: edge.objects() == expected, "the edge holds its ConfigMaps")
+        await eventually(lambda: edge.objects() == expected, "the edge holds its ConfigMaps")
         assert set(expected) == {f"{namespace}/ConfigMap/before", f"{namespace}/ConfigMap/after"}
 
         # Moving a ConfigMap to another node deletes it here.
@@ -80,18 +80,20 @@ async def test_a_joined_edge_gets_its_configmaps_and_its_reports_reach_the_cloud
             namespace=namespace,
             patch_type=PatchType.MERGE,
         )
-        await until(
+        await eventually(
             lambda: f"{namespace}/ConfigMap/after" not in edge.objects(), "the move deletes it"
         )
 
         with edge.store() as store:
             for i in range(20):
                 store.report(Op.EVENT, f"{namespace}/Pod/p", {"i": i}, coalesce_key=f"e{i}")
-        await until(lambda: len(reports(cloud)) == 20, "the reports reach the cloud")
+        await eventually(lambda: len(reports(cloud)) == 20, "the reports reach the cloud")
         assert [r["body"]["i"] for r in reports(cloud)] == list(range(20))
         assert {r["node"] for r in reports(cloud)} == {edge.node}
         with edge.store() as store:
-            await until(lambda: store.outbox_size()[1] == 0, "acknowledged reports are deleted")
+            await eventually(
+                lambda: store.outbox_size()[1] == 0, "acknowledged reports are deleted"
+            )
         status = await edge.status()
         assert status["node"] == edge.node
         assert status["cloud"] == cloud.url
@@ -130,7 +132,7 @@ async def test_a_killed_cloud_resumes_from_its_watermarks_without_resending_ever
 
                 nursery.start_soon(create)
         expected = await cloud_objects(kube, edge.node)
-        await until(lambda: edge.objects() == expected, "the first 300 are delivered")
+        await eventually(lambda: edge.objects() == expected, "the first 300 are delivered")
         await trio.sleep(2.5)
 
         # Keep changing 20 of them, kill the cloud mid-stream, change more while it is gone.
@@ -145,8 +147,8 @@ async def test_a_killed_cloud_resumes_from_its_watermarks_without_resending_ever
                 await cloud.kill()
         await cloud.start()
         expected = await cloud_objects(kube, edge.node)
-        await until(lambda: edge.objects() == expected, "the edge converges after the restart")
-        await until(lambda: len(reports(cloud)) == 5, "every report arrives")
+        await eventually(lambda: edge.objects() == expected, "the edge converges after the restart")
+        await eventually(lambda: len(reports(cloud)) == 5, "every report arrives")
         assert sorted(r["body"]["round"] for r in reports(cloud)) == [1, 2, 3, 4, 5]
 
         match = await cloud.runs[-1].wait_for(r"msg=\"resuming node from its watermark\".*")

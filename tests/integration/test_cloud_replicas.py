@@ -36,8 +36,9 @@ from edge.store.aio import AsyncStore
 from edge.wire.events import Op
 from tests.channelkit import Cloud, Edge, cloud_objects, configmap, spawn
 from tests.cluster.controlplane import ControlPlane, free_port
-from tests.hubkit import Pki, until
+from tests.hubkit import Pki
 from tests.processes import VENV_BIN
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -141,7 +142,7 @@ async def test_the_nodes_of_a_replica_that_stopped_renewing_are_taken_over_after
     verdict = await b.claim("gw-1")
     assert isinstance(verdict, Elsewhere)
     # It stops counting itself the owner before anyone may take over.
-    await until(lambda: not a.owns("gw-1"), "the owner gives up")
+    await eventually(lambda: not a.owns("gw-1"), "the owner gives up")
     owner_gave_up = trio.current_time()
     while not isinstance(verdict := await b.claim("gw-1"), Owned):  # noqa: ASYNC110
         await trio.sleep(0.1)
@@ -213,8 +214,8 @@ async def test_an_edge_that_reaches_the_wrong_replica_is_redirected_to_the_owner
         edge = EdgeHub(AsyncStore(store), pki.edge_config("gw-1", b.port))
         async with trio.open_nursery() as edges:
             edges.start_soon(edge.run)
-            await until(lambda: "gw-1" in a.sessions, "the owner serves the edge")
-            await until(lambda: reader.get("ns/ConfigMap/from") is not None, "it syncs")
+            await eventually(lambda: "gw-1" in a.sessions, "the owner serves the edge")
+            await eventually(lambda: reader.get("ns/ConfigMap/from") is not None, "it syncs")
             edges.cancel_scope.cancel()
     assert reader_body(tmp_path / "gw-1.db", "ns/ConfigMap/from") == {"replica": "ra"}
     assert "gw-1" not in b.sessions
@@ -367,7 +368,7 @@ async def test_a_killed_replica_loses_no_message_and_its_nodes_reconnect_to_the_
         await traffic(2, 3)
         for edge in edges:
             expected = await cloud_objects(kube, edge.node)
-            await until(lambda e=edge, x=expected: e.objects() == x, f"{edge.node} converges")
+            await eventually(lambda e=edge, x=expected: e.objects() == x, f"{edge.node} converges")
 
         def delivered() -> set[tuple[str, int, int, int]]:
             return {
@@ -375,7 +376,7 @@ async def test_a_killed_replica_loses_no_message_and_its_nodes_reconnect_to_the_
                 for rec in logged_reports(a, b)
             }
 
-        await until(lambda: delivered() == queued, "every queued report is logged")
+        await eventually(lambda: delivered() == queued, "every queued report is logged")
         records = logged_reports(a, b)
         print(
             f"reports: {len(queued)} queued, {len(records)} logged by the two replicas"
@@ -383,7 +384,7 @@ async def test_a_killed_replica_loses_no_message_and_its_nodes_reconnect_to_the_
         )
         for edge in edges:
             with edge.store() as store:
-                await until(lambda s=store: s.outbox_size()[1] == 0, "the outboxes drain")
+                await eventually(lambda s=store: s.outbox_size()[1] == 0, "the outboxes drain")
     finally:
         for edge in edges:
             await edge.stop()

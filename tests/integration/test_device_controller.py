@@ -31,8 +31,9 @@ from cloud.edge import ControllerSettings
 from cloud.edge import metrics as controller_metrics
 from edge.wire.events import Op
 from tests.cluster.controlplane import ControlPlane
-from tests.controllerkit import Cloud, agent, eventually, start_controller
+from tests.controllerkit import Cloud, agent, start_controller
 from tests.mqttkit import Mosquitto, TestClient
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.usefixtures("control_plane")
 

@@ -36,7 +36,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from cloud.edge import ControllerSettings
 from cloud.edge import metrics as controller_metrics
 from edge.wire.events import Op
-from tests.controllerkit import Cloud, agent, eventually, start_controller
+from tests.controllerkit import Cloud, agent, start_controller
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.usefixtures("control_plane")
 

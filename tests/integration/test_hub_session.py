@@ -21,7 +21,8 @@ from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.wire import codec
 from edge.wire.events import Batch, Close, Hello, Message, Op, Ping, Pong, Refuse, Welcome
-from tests.hubkit import Pki, until
+from tests.hubkit import Pki
+from tests.waiting import eventually
 
 
 class Cloud:
@@ -87,11 +88,11 @@ async def test_objects_before_and_after_connecting_reach_the_edge_store(
         for i in range(200):
             cloud.source.put("gw-1", f"ns/ConfigMap/obj-{i % 50}", {"i": i})
         cloud.source.delete("gw-1", "ns/ConfigMap/obj-7")
-        await until(
+        await eventually(
             lambda: edge_state(store) == cloud_state(cloud.source, "gw-1"), "edge converges"
         )
         assert "ns/ConfigMap/other-node" not in edge_state(store)
-        await until(lambda: cloud.hub.streams["gw-1"].depth == 0, "everything acknowledged")
+        await eventually(lambda: cloud.hub.streams["gw-1"].depth == 0, "everything acknowledged")
         assert store.hwm == cloud.hub.streams["gw-1"].inflight.acked
 
 
@@ -107,7 +108,7 @@ async def test_reports_reach_the_cloud_once_and_leave_the_outbox(
     ):
         for i in range(30, 60):
             await edge.report(Op.STATUS, f"ns/Pod/p{i}", {"i": i})
-        await until(lambda: store.outbox_size()[1] == 0, "outbox drained")
+        await eventually(lambda: store.outbox_size()[1] == 0, "outbox drained")
     lines = (tmp_path / "reports.jsonl").read_text().splitlines()
     assert len(lines) == 60
     assert cloud.reports.last["gw-1"] == 60
@@ -122,7 +123,7 @@ async def test_a_certificate_for_one_node_cannot_speak_for_another(
         edge = EdgeHub(AsyncStore(store), config)
         async with trio.open_nursery() as edges:
             edges.start_soon(edge.run)
-            await until(
+            await eventually(
                 lambda: any(
                     "belongs to node 'gw-1', not 'gw-2'" in str(getattr(r, "reason", ""))
                     for r in caplog.records
@@ -143,7 +144,7 @@ async def test_a_second_connection_replaces_the_first(
         first.config.backoff_base_s = 30  # keep it away once replaced
         session = cloud.hub.sessions["gw-1"]
         async with running_edge(tmp_path / "a.db", config) as (_, second):
-            await until(lambda: not first.link.online, "the first session is closed")
+            await eventually(lambda: not first.link.online, "the first session is closed")
             assert session.done.is_set()
             assert cloud.hub.sessions["gw-1"] is not session
             assert second.link.online
@@ -215,7 +216,7 @@ async def test_bad_frames_close_the_session_with_a_reason_and_the_hub_lives_on(
         store,
         _,
     ):
-        await until(lambda: store.get("ns/ConfigMap/still-served") is not None, "still served")
+        await eventually(lambda: store.get("ns/ConfigMap/still-served") is not None, "still served")
 
 
 async def test_an_unknown_protocol_version_is_refused_with_the_versions_spoken(
@@ -330,14 +331,16 @@ async def test_an_edge_with_a_new_store_gets_everything_again_and_its_reports_co
     async with running_edge(tmp_path / "old.db", config) as (store, edge):
         for i in range(5):
             await edge.report(Op.EVENT, "ns/Pod/p", {"old": i}, coalesce_key=f"old-{i}")
-        await until(lambda: len(edge_state(store)) == 3, "the old store is synced")
-        await until(lambda: store.outbox_size()[1] == 0, "the old reports are acknowledged")
+        await eventually(lambda: len(edge_state(store)) == 3, "the old store is synced")
+        await eventually(lambda: store.outbox_size()[1] == 0, "the old reports are acknowledged")
     # The gateway is re-flashed: same identity, empty store, numbering from 1 again.
     async with running_edge(tmp_path / "new.db", config) as (store, edge):
-        await until(lambda: edge_state(store) == cloud_state(cloud.source, "gw-1"), "a full resync")
+        await eventually(
+            lambda: edge_state(store) == cloud_state(cloud.source, "gw-1"), "a full resync"
+        )
         for i in range(3):
             await edge.report(Op.EVENT, "ns/Pod/p", {"new": i}, coalesce_key=f"new-{i}")
-        await until(lambda: store.outbox_size()[1] == 0, "the new reports are acknowledged")
+        await eventually(lambda: store.outbox_size()[1] == 0, "the new reports are acknowledged")
     lines = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
     assert [r.get("body") for r in lines if "restart" not in r] == [
         *({"old": i} for i in range(5)),

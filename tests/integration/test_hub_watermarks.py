@@ -20,7 +20,8 @@ from edge.hub.client import EdgeHub
 from edge.store import Store
 from edge.store.aio import AsyncStore
 from tests.cluster.controlplane import ControlPlane, free_port
-from tests.hubkit import Pki, until
+from tests.hubkit import Pki
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -50,13 +51,13 @@ async def test_watermarks_are_written_in_batches_and_resume_a_restarted_hub(
                 stores.append(store)
                 edge = EdgeHub(AsyncStore(store), pki.edge_config(node, hub.port))
                 edges.start_soon(edge.run)
-            await until(lambda: len(hub.sessions) == 3, "three sessions")
+            await eventually(lambda: len(hub.sessions) == 3, "three sessions")
             for round_ in range(10):
                 for node in nodes:
                     for i in range(100):
                         source.put(node, f"ns/ConfigMap/o{i}", {"r": round_}, uid=f"{node}-{i}")
                 await trio.sleep(0.05)
-            await until(
+            await eventually(
                 lambda: all(hub.streams[n].depth == 0 for n in nodes), "everything acknowledged"
             )
             await trio.sleep(1.2)  # two flushes
@@ -90,8 +91,10 @@ async def test_watermarks_are_written_in_batches_and_resume_a_restarted_hub(
         async with trio.open_nursery() as edges:
             for node, store in zip(nodes, stores, strict=True):
                 edges.start_soon(EdgeHub(AsyncStore(store), pki.edge_config(node, second.port)).run)
-            await until(lambda: len(second.sessions) == 3, "three sessions again")
-            await until(lambda: all(second.streams[n].depth == 0 for n in nodes), "in sync again")
+            await eventually(lambda: len(second.sessions) == 3, "three sessions again")
+            await eventually(
+                lambda: all(second.streams[n].depth == 0 for n in nodes), "in sync again"
+            )
             edges.cancel_scope.cancel()
         cloud.cancel_scope.cancel()
     assert second.resent == 0
@@ -124,7 +127,7 @@ async def test_watermarks_wait_out_an_unreachable_apiserver_and_are_written_afte
         dead.write_text(json.dumps(config))
         marks.kube = AsyncClient(KubeConfig.from_file(dead), trust_env=False)
         await marks.ensure_namespace()
-        await until(lambda: marks.writes >= 1, "the kept watermarks are written")
+        await eventually(lambda: marks.writes >= 1, "the kept watermarks are written")
         nursery.cancel_scope.cancel()
     cm = await kube.get(ConfigMap, shard_name(shard_of("gw-x")), namespace=namespace)
     assert json.loads(cm.data["gw-x"])["next"] == 42

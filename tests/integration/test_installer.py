@@ -35,7 +35,6 @@ import shutil
 import ssl
 import stat
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
@@ -48,6 +47,7 @@ from tests.channelkit import spawn
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.netns import EdgeLink, skip_unless_netns_capable
 from tests.processes import REPO, VENV_BIN
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -614,15 +614,6 @@ async def real_cloud(
         control_plane.kubectl("delete", "node", REAL_NODE, "--ignore-not-found", check=False)
 
 
-async def eventually(check: Callable[[], bool], what: str, within: float = 60) -> None:
-    """Wait until ``check()``, which another process makes true, is true."""
-    with trio.move_on_after(within):
-        while not check():  # noqa: ASYNC110 - the state is not ours to signal
-            await trio.sleep(0.5)
-        return
-    raise AssertionError(f"timed out after {within:.0f} s waiting until {what}")
-
-
 # What the running agent itself changes between two runs of the installer: its store and log.
 AGENT_STATE = ("/var/lib/outpost/store.db", "/var/log/outpost.log")
 
@@ -682,11 +673,15 @@ async def test_the_built_binary_installs_joins_runs_and_uninstalls(
         got = control_plane.kubectl("get", "node", REAL_NODE, "-o", ready, check=False)
         return got.stdout == "True"
 
-    await eventually(online, "`outpost status` in the chroot shows the link online")
+    await eventually(
+        online, "`outpost status` in the chroot shows the link online", within=60, interval=0.5
+    )
     status = json.loads(in_root(link, root, "outpost status --json").stdout)
     assert status["node"] == REAL_NODE
     assert status["cloud"] == cloud["hub"]
-    await eventually(node_ready, f"the Node {REAL_NODE} is Ready in Kubernetes")
+    await eventually(
+        node_ready, f"the Node {REAL_NODE} is Ready in Kubernetes", within=60, interval=0.5
+    )
     installed = snapshot(root)
 
     second = await trio.to_thread.run_sync(lambda: in_root(link, root, command))

@@ -5,7 +5,6 @@ trio-driven ``MqttLink`` the eventbus uses keeps its subscriptions across a brok
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from edge.devices.drivers.mqtt import Message, MqttLink, open_mqtt
 from edge.devices.model import DeviceConfig, parse_device
 from tests import mqttkit
 from tests.mqttkit import Mosquitto, TestClient
+from tests.waiting import eventually
 
 mosquitto = mqttkit.mosquitto  # the fixture
 
@@ -30,13 +30,6 @@ MODEL = {
         ],
     },
 }
-
-
-async def wait_until(condition: Callable[[], object], within: float = 5.0) -> None:
-    """Poll ``condition`` until true; fail after ``within`` seconds."""
-    with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110 - state changed by callbacks, not an event
-            await trio.sleep(0.01)
 
 
 def device(broker: Mosquitto, **visitors: dict[str, Any]) -> DeviceConfig:
@@ -71,13 +64,17 @@ async def test_reads_latest_message_at_json_path(mosquitto: Mosquitto) -> None:
         # A retained message is there the moment the driver subscribes.
         assert await driver.read(config.property("temperature")) == 21.5
         assert await driver.read(config.property("setpoint")) == 20
+        # The broker hands each message to its subscribers in turn, the driver (subscribed
+        # first) before this client: once this client has the last reading, so has the driver.
+        await app.subscribe("plant/meter1/state")
         for temp in (22.0, 22.5, 23.0):
             app.publish("plant/meter1/state", {"sensors": {"temp": temp}, "setpoint": 20})
-        await trio.sleep(0.2)
+        while (await app.expect_json("plant/meter1/state"))["sensors"]["temp"] != 23.0:
+            pass
         # Only the latest counts; the ones before it are not queued up.
         assert await driver.read(config.property("temperature")) == 23.0
+        # A topic never heard from is waited for by read() itself.
         app.publish("plant/meter1/label", "boiler room")
-        await trio.sleep(0.1)
         assert await driver.read(config.property("label")) == "boiler room"
     await driver.aclose()
 
@@ -118,7 +115,6 @@ async def test_write_publishes_to_write_topic(mosquitto: Mosquitto) -> None:
         await driver.write(config.property("label"), "attic")
         msg = await app.expect("plant/meter1/label")
         assert json.loads(msg.payload) == "attic"
-        await trio.sleep(0.1)
         assert await driver.read(config.property("label")) == "attic"
     await driver.aclose()
 
@@ -160,18 +156,18 @@ async def test_link_resubscribes_after_broker_restart(mosquitto: Mosquitto) -> N
                 assert await link.publish_confirmed("a/2", b"mine")
             assert link.publish("b/x", b"hello") is not None
             assert (await app.expect("b/x")).payload == b"hello"
-        await wait_until(lambda: received)
+        await eventually(lambda: received, "the message on a/1 arrives", within=5)
         assert [(m.topic, m.payload) for m in received] == [("a/1", b"one")]
 
         mosquitto.stop()
-        await wait_until(lambda: not link.connected)
+        await eventually(lambda: not link.connected, "the link sees the broker go", within=5)
         assert link.publish("b/x", b"lost") is None  # not queued while away
         mosquitto.start()
         with trio.fail_after(10):
             await link.wait_connected()
         with TestClient(mosquitto) as app:
             app.publish("a/3", "three")
-            await wait_until(lambda: len(received) >= 2)
+            await eventually(lambda: len(received) >= 2, "the message on a/3 arrives", within=5)
         assert received[-1].payload == b"three"
         assert link.connects == 2
         nursery.cancel_scope.cancel()

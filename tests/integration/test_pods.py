@@ -15,8 +15,8 @@ import trio
 
 from edge.pods import logs
 from edge.pods.manager import PodManager
-from tests.hubkit import until
 from tests.podkit import PodWorld, busybox_registry, pod
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
 
@@ -89,10 +89,10 @@ async def test_env_configmap_and_secret_volumes_are_visible_inside(
         )
     )
     manager.changed()
-    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
-    await until(lambda: "s3cret" in read_log(world, manifest, "app"), "the output is logged")
+    await eventually(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    await eventually(lambda: "s3cret" in read_log(world, manifest, "app"), "the output is logged")
     assert read_log(world, manifest, "app").splitlines() == ["env=hello", "eco", "s3cret"]
-    await until(lambda: world.container(manifest, "app").get("ready") is True, "ready")
+    await eventually(lambda: world.container(manifest, "app").get("ready") is True, "ready")
     status = world.status(manifest)
     assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "True"
 
@@ -104,7 +104,7 @@ async def test_a_bridged_pod_gets_its_own_ip_in_its_status(
         pod("bridged", {"name": "app", "image": image, "command": ["sleep", "3600"]})
     )
     manager.changed()
-    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    await eventually(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
     status = world.status(manifest)
     assert status["podIP"].startswith("10.215.0.")
     assert status["hostIP"] != status["podIP"]
@@ -134,19 +134,21 @@ async def test_readiness_follows_its_probe_and_a_failed_liveness_probe_restarts(
         )
     )
     manager.changed()
-    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    await eventually(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
     assert world.container(manifest, "app")["ready"] is False
-    await until(lambda: world.container(manifest, "app").get("ready") is True, "it turns ready")
+    await eventually(
+        lambda: world.container(manifest, "app").get("ready") is True, "it turns ready"
+    )
     supervisor = next(iter(manager.supervisors.values()))
     container_id = supervisor.running["app"].id
     await world_services_exec(world, container_id, ["touch", "/tmp/broken"])
-    await until(
+    await eventually(
         lambda: world.container(manifest, "app").get("restartCount") == 1, "liveness restarts it"
     )
     last = world.container(manifest, "app")["lastState"]["terminated"]
     assert last["exitCode"] == 137
     # A new container: a fresh writable layer, so not ready until the probe passes again.
-    await until(lambda: world.container(manifest, "app").get("ready") is True, "ready again")
+    await eventually(lambda: world.container(manifest, "app").get("ready") is True, "ready again")
     reasons = world.reasons(manifest, "app")
     assert {"Unhealthy", "Killing"} <= set(reasons)
     killing = next(b for _, b in world.events if b["reason"] == "Killing")
@@ -234,7 +236,7 @@ async def test_graceful_stop_waits_for_sigterm_and_kills_at_the_grace_period(
     )
     manager.changed()
     for manifest in (polite, stubborn):
-        await until(lambda m=manifest: world.status(m).get("phase") == "Running", "running")
+        await eventually(lambda m=manifest: world.status(m).get("phase") == "Running", "running")
     await trio.sleep(0.5)  # let the shells install their traps
 
     async def stop(name: str) -> float:
@@ -279,8 +281,10 @@ async def test_init_containers_run_first_in_order(
         )
     )
     manager.changed()
-    await until(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
-    await until(lambda: read_log(world, manifest, "app").splitlines() == ["1", "2"], "in order")
+    await eventually(lambda: world.status(manifest).get("phase") == "Running", "the pod runs")
+    await eventually(
+        lambda: read_log(world, manifest, "app").splitlines() == ["1", "2"], "in order"
+    )
     inits = world.status(manifest)["initContainerStatuses"]
     assert [c["state"]["terminated"]["reason"] for c in inits] == ["Completed", "Completed"]
 
@@ -306,16 +310,16 @@ async def test_bad_pods_get_a_clear_reason_in_their_status(
         )
     )
     manager.changed()
-    await until(lambda: world.status(invalid).get("phase") == "Failed", "invalid fails")
+    await eventually(lambda: world.status(invalid).get("phase") == "Failed", "invalid fails")
     assert "used twice" in world.status(invalid)["message"]
-    await until(
+    await eventually(
         lambda: (
             world.container(missing, "a").get("state", {}).get("waiting", {}).get("reason")
             == "ErrImagePull"
         ),
         "the missing image is reported",
     )
-    await until(
+    await eventually(
         lambda: (
             world.container(config, "a").get("state", {}).get("waiting", {}).get("reason")
             == "CreateContainerConfigError"
@@ -377,7 +381,7 @@ async def test_an_unreachable_registry_is_image_pull_back_off(
         pod("offline", {"name": "a", "image": "127.0.0.1:9/test/busybox:1.0"}, hostNetwork=True)
     )
     manager.changed()
-    await until(
+    await eventually(
         lambda: (
             world.container(manifest, "a").get("state", {}).get("waiting", {}).get("reason")
             == "ImagePullBackOff"
@@ -403,7 +407,7 @@ async def test_events_re_reports_and_a_deletion_within_its_grace_period(
     )
     key = "default/Pod/deleted"
     manager.changed()
-    await until(lambda: world.container(manifest, "app").get("ready") is True, "ready")
+    await eventually(lambda: world.container(manifest, "app").get("ready") is True, "ready")
     assert world.reasons(manifest) == ["Pulling", "Pulled", "Created", "Started"]
     pulled = next(b for _, b in world.events if b["reason"] == "Pulled")
     assert pulled["message"].startswith(f'Successfully pulled image "{image}" in ')
@@ -413,7 +417,7 @@ async def test_events_re_reports_and_a_deletion_within_its_grace_period(
     # The link came back: the unchanged status goes up again.
     sent = len(world.history)
     manager.report_again()
-    await until(lambda: len(world.history) > sent, "the status is reported again")
+    await eventually(lambda: len(world.history) > sent, "the status is reported again")
     assert world.history[-1] == (key, world.history[sent - 1][1])
 
     # The deletion's grace period (1 s) beats the spec's 30 s.
@@ -427,14 +431,14 @@ async def test_events_re_reports_and_a_deletion_within_its_grace_period(
         },
     }
     manager.changed()
-    await until(lambda: world.reports[key].get("stopped") is True, "the pod is stopped")
+    await eventually(lambda: world.reports[key].get("stopped") is True, "the pod is stopped")
     assert trio.current_time() - began < 6
     assert (
         world.reports[key]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"]
         == 137
     )
     assert world.reasons(manifest)[-1] == "Killing"
-    await until(lambda: not manager.supervisors, "the supervisor is gone")
+    await eventually(lambda: not manager.supervisors, "the supervisor is gone")
     stopped = [body for k, body in world.history if k == key and body.get("stopped")]
     await trio.sleep(0.5)  # several reconciles: the deleted pod is not confirmed again
     assert [body for k, body in world.history if k == key and body.get("stopped")] == stopped
@@ -535,7 +539,7 @@ async def test_a_service_account_token_is_waited_for_then_projected_and_refreshe
         )
     )
     manager.changed()
-    await until(
+    await eventually(
         lambda: (
             "has not arrived from the cloud yet"
             in world.container(manifest, "app")
@@ -552,7 +556,7 @@ async def test_a_service_account_token_is_waited_for_then_projected_and_refreshe
     world.objects[("ServiceAccountToken", "default")] = {"tokened": token_object(manifest, "jwt-1")}
     began = trio.current_time()
     manager.objects_changed(["default/ServiceAccountToken/tokened"])
-    await until(lambda: world.status(manifest).get("phase") == "Running", "it starts")
+    await eventually(lambda: world.status(manifest).get("phase") == "Running", "it starts")
     assert trio.current_time() - began < 10
     cat = ["cat", "/var/run/secrets/token/token"]
     assert await exec_output(world, manager, "app", cat) == "jwt-1"

@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from tests.channelkit import LogFile
-from tests.hubkit import until
 from tests.podkit import busybox_registry
 from tests.processes import REPO, VENV_BIN
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
 
@@ -118,7 +118,7 @@ spec:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(systemd.serve)
-        await until(systemd.path.exists, "the notify socket is bound")
+        await eventually(systemd.path.exists, "the notify socket is bound")
         process, log = await start("agent.log")
         try:
             with trio.fail_after(60):
@@ -133,14 +133,16 @@ spec:
             gaps = [b - a for a, b in itertools.pairwise(after)]
             assert max(gaps) < WATCHDOG_USEC / 1e6, gaps
             # runc started the pod: it did not wait for the container to notify.
-            await until(lambda: "running" in runc_containers(runc_root).values(), "the pod runs")
+            await eventually(
+                lambda: "running" in runc_containers(runc_root).values(), "the pod runs"
+            )
             result = await trio.run_process(
                 [VENV_BIN / "outpost", "logs", "app", "--data-dir", tmp_path / "data"],
                 capture_stdout=True,
             )
             assert result.stdout.decode().splitlines() == ["NOTIFY_SOCKET="]
             # `outpost status` lists the pod, read from the store beside the running agent.
-            await until(
+            await eventually(
                 lambda: (
                     pod_statuses(tmp_path / "data").get("default/Pod/app", {}).get("phase")
                     == "Running"
