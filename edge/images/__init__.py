@@ -34,7 +34,7 @@ from edge.images.errors import (
 )
 from edge.images.index import Image, Layer
 from edge.images.manifest import ImageConfig
-from edge.images.mount import MountError, mount_rootfs, unmount
+from edge.images.mount import mount_rootfs
 from edge.images.platforms import Platform, host_platform
 from edge.images.policy import PullPolicy, RetryPolicy, pull_policy, should_pull
 from edge.images.reference import Reference, normalize
@@ -58,7 +58,6 @@ __all__ = [
     "InvalidSecretError",
     "Layer",
     "ManifestError",
-    "MountError",
     "NoSuchImageError",
     "Platform",
     "PullError",
@@ -74,5 +73,4 @@ __all__ = [
     "normalize",
     "pull_policy",
     "should_pull",
-    "unmount",
 ]

@@ -1,30 +1,24 @@
 """A container's root file system: an overlayfs mount of an image's snapshots, read-only and
 shared, under one writable upper directory of its own.
 
-``mount(2)`` is called directly (through ctypes) rather than through ``mount -t overlay``: no
-dependency on util-linux, and the error is the kernel's errno, not a message to parse. The
-agent runs as root. These calls are quick system calls; they still block, so trio code runs
-them in ``trio.to_thread.run_sync`` like any other file-system step.
+The mount itself, its undoing and the mount table are ``edge.mounts``'; what is overlay's is
+here: the option string, and which snapshots mounted overlays still use.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+from edge.mounts import MountInfo, mount, mount_table
+
 # The kernel copies mount options into one page; longer option strings are refused.
 _MAX_OPTIONS = 4095
-_MOUNTINFO = Path("/proc/self/mountinfo")
-
-
-class MountError(OSError):
-    """mount(2) or umount(2) failed; ``errno`` is the kernel's."""
+_MOUNT_HINTS = {
+    errno.ENODEV: "the kernel has no overlay file system: modprobe overlay",
+    errno.EINVAL: "is work on the same file system as upper, and not inside it?",
+}
 
 
 def overlay_options(lowerdirs: Sequence[Path], upper: Path, work: Path) -> str:
@@ -50,55 +44,25 @@ def overlay_options(lowerdirs: Sequence[Path], upper: Path, work: Path) -> str:
 
 def mount_rootfs(lowerdirs: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
     """Mount the overlay of ``lowerdirs`` (bottom first) with ``upper`` and ``work`` (empty,
-    on the same file system as ``upper``) at ``target``. All four must exist."""
+    on the same file system as ``upper``) at ``target``. All four must exist; ``MountError``
+    if the kernel refuses."""
     options = overlay_options(lowerdirs, upper, work)
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
-        code = ctypes.get_errno()
-        hint = ""
-        if code == errno.EPERM:
-            hint = " (mounting needs root)"
-        elif code == errno.ENODEV:
-            hint = " (the kernel has no overlay file system: modprobe overlay)"
-        elif code == errno.EINVAL:
-            hint = " (is work on the same file system as upper, and not inside it?)"
-        raise MountError(
-            code, f"cannot mount the overlay at {target}: {os.strerror(code)}{hint}", str(target)
-        )
+    mount("overlay", target, "overlay", options=options, what="the overlay", hints=_MOUNT_HINTS)
 
 
-def unmount(target: Path) -> None:
-    """Unmount ``target``; nothing to do if nothing is mounted there."""
-    if _libc.umount2(os.fsencode(target), 0) == 0:
-        return
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOENT):
-        return
-    hint = " (a process still uses it)" if code == errno.EBUSY else ""
-    raise MountError(code, f"cannot unmount {target}: {os.strerror(code)}{hint}", str(target))
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
-
-
-def parse_overlay_lowerdirs(mountinfo: str) -> set[Path]:
-    """Every lower directory of every overlay mount in a ``/proc/*/mountinfo`` text."""
+def overlay_lowerdirs(mounts: Iterable[MountInfo]) -> set[Path]:
+    """Every lower directory of every overlay among ``mounts``."""
     found: set[Path] = set()
-    for line in mountinfo.splitlines():
-        _, sep, rest = line.partition(" - ")
-        fields = rest.split(" ")
-        if not sep or len(fields) < 3 or fields[0] != "overlay":
+    for info in mounts:
+        if info.fstype != "overlay":
             continue
-        for option in fields[2].split(","):
+        for option in info.super_options:
             key, _, value = option.partition("=")
             if key in ("lowerdir", "lowerdir+"):
-                found.update(Path(_unescape(p)) for p in value.split(":") if p)
+                found.update(Path(p) for p in value.split(":") if p)
     return found
 
 
 def mounted_lowerdirs() -> set[Path]:
     """The lower directories of the overlays mounted now, which must not be deleted."""
-    return parse_overlay_lowerdirs(_MOUNTINFO.read_text())
+    return overlay_lowerdirs(mount_table())

@@ -21,9 +21,10 @@ from typing import Any
 
 import trio
 
-from edge.images import ImageError, ImageStore, credentials_for, mount_rootfs, unmount
+from edge.images import ImageError, ImageStore, credentials_for, mount_rootfs
 from edge.images.errors import ImageNeverPullError, RegistryUnavailableError
 from edge.images.policy import pull_policy, should_pull
+from edge.mounts import unmount
 from edge.pods import runtime_spec, volumes
 from edge.pods.hostname import pod_hostname
 from edge.pods.network import PodNetwork, host_network_sandbox

@@ -26,8 +26,6 @@ or, with ``readOnly``, read-only.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import math
 import os
 import shutil
@@ -38,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edge import mounts as host_mounts
 from edge.pods.containers import all_containers, get_container
 from edge.pods.downward import field_value, resource_value
 from edge.pods.expansion import expand
@@ -552,43 +551,27 @@ def _memory_volume_size(pod: Mapping[str, Any], empty_dir: Mapping[str, Any]) ->
     return None
 
 
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
-_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
+_FLAGS = {
+    "nosuid": host_mounts.MS_NOSUID,
+    "nodev": host_mounts.MS_NODEV,
+    "noexec": host_mounts.MS_NOEXEC,
+}
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _mount_points() -> set[str]:
-    points = set()
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-        for line in info:
-            field = line.split(" ")[4]
-            # mountinfo escapes space, tab, newline and backslash as octal.
-            points.add(
-                field.replace("\\040", " ")
-                .replace("\\011", "\t")
-                .replace("\\012", "\n")
-                .replace("\\134", "\\")
-            )
-    return points
-
-
-def _mount_tmpfs(mount: Tmpfs) -> None:
+def _mount_tmpfs(tmpfs: Tmpfs) -> None:
     flags = 0
     data = []
-    for option in mount.options:
+    for option in tmpfs.options:
         if option in _FLAGS:
             flags |= _FLAGS[option]
         else:
             data.append(option)
-    result = _libc().mount(
-        b"tmpfs", os.fsencode(mount.path), b"tmpfs", flags, ",".join(data).encode()
-    )
-    if result != 0:
-        error = ctypes.get_errno()
-        raise VolumeError(f"cannot mount a tmpfs at {mount.path}: {os.strerror(error)}")
+    try:
+        host_mounts.mount(
+            "tmpfs", tmpfs.path, "tmpfs", flags=flags, options=",".join(data), what="a tmpfs"
+        )
+    except host_mounts.MountError as exc:
+        raise VolumeError(exc.strerror) from exc
 
 
 def prepare_pod_dir(pod: Mapping[str, Any], layout: PodLayout) -> None:
@@ -607,10 +590,10 @@ def prepare_pod_dir(pod: Mapping[str, Any], layout: PodLayout) -> None:
             volume.get(k) is not None for k in _FILE_KINDS
         ):
             layout.volume(volume["name"]).mkdir(parents=True, exist_ok=True)
-    mounted = _mount_points()
+    mounted = host_mounts.mount_points()
     for tmpfs in pod_tmpfs(pod, layout):
         tmpfs.path.mkdir(parents=True, exist_ok=True)
-        if str(tmpfs.path) not in mounted:
+        if tmpfs.path not in mounted:
             _mount_tmpfs(tmpfs)
     for volume in spec.get("volumes") or ():
         if volume.get("emptyDir") is not None:
@@ -626,35 +609,19 @@ def prepare_pod_dir(pod: Mapping[str, Any], layout: PodLayout) -> None:
         os.chmod(log, 0o666)
 
 
-_MAX_STACKED_MOUNTS = 16
-
-
 def release_pod_dir(layout: PodLayout) -> None:
     """Unmount everything under the pod's directory and remove it (its containers are gone).
 
     Raises ``VolumeError`` and removes nothing if a mount cannot be undone, so that a busy
     tmpfs is never emptied from under a process that still uses it.
     """
-    root = str(layout.root)
-    for point in sorted(_mount_points(), key=len, reverse=True):
-        if point == root or point.startswith(root + "/"):
-            _unmount_all(point)
+    for point in sorted(host_mounts.mount_points(), key=lambda p: len(str(p)), reverse=True):
+        if point.is_relative_to(layout.root):
+            try:
+                host_mounts.unmount(point)
+            except host_mounts.MountError as exc:
+                raise VolumeError(exc.strerror) from exc
     shutil.rmtree(layout.root, ignore_errors=True)
-
-
-def _unmount_all(point: str) -> None:
-    """Unmount ``point`` until nothing is mounted there: mount propagation can stack copies
-    of one mount on the same path, and the table lists such a path once."""
-    for _ in range(_MAX_STACKED_MOUNTS):
-        if _libc().umount2(os.fsencode(point), 0) != 0:
-            error = ctypes.get_errno()
-            # EINVAL: not a mount point (any more), e.g. gone since the table was read.
-            if error == errno.EINVAL and point not in _mount_points():
-                return
-            raise VolumeError(f"cannot unmount {point}: {os.strerror(error)}")
-        if point not in _mount_points():
-            return
-    raise VolumeError(f"cannot unmount {point}: still mounted after {_MAX_STACKED_MOUNTS} tries")
 
 
 # --- one container's mounts -------------------------------------------------------------------

@@ -35,10 +35,10 @@ from edge.images import (
     StorageFullError,
     UnsupportedImageError,
     mount_rootfs,
-    unmount,
 )
 from edge.images.cli import image as image_cli
 from edge.images.layers import OPAQUE_XATTR
+from edge.mounts import unmount
 from tests.processes import REPO
 from tests.registry import (
     BuiltImage,

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.images.mount import overlay_options, parse_overlay_lowerdirs
+from edge.images.mount import overlay_lowerdirs, overlay_options
+from edge.mounts import parse_mountinfo
 
 
 def test_options_put_the_top_layer_first() -> None:
@@ -35,7 +36,7 @@ def test_lowerdirs_of_mounted_overlays() -> None:
         "47 27 0:40 / /run/c2/rootfs rw - overlay overlay"
         " rw,lowerdir+=/s/with\\040space,upperdir=/c2/u,workdir=/c2/w\n"
     )
-    assert parse_overlay_lowerdirs(mountinfo) == {
+    assert overlay_lowerdirs(parse_mountinfo(mountinfo)) == {
         Path("/s/app"),
         Path("/s/base"),
         Path("/s/with space"),
