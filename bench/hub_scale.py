@@ -86,7 +86,7 @@ from bench._hub_process import (  # noqa: E402
     raise_nofile,
 )
 from cloud.hub.server import NODE_ORGANIZATION  # noqa: E402
-from edge.hub.client import CONNECT_PATH, retry_after_header  # noqa: E402
+from edge.websocket import CONNECT_PATH, retry_after_header  # noqa: E402
 from edge.wire import codec  # noqa: E402
 from edge.wire.codec import ProtocolError  # noqa: E402
 from edge.wire.connection import (  # noqa: E402

@@ -16,11 +16,11 @@ from lightkube.core.exceptions import ApiError
 from cloud import installer, kube, pki, service
 from cloud.devices import crds
 from cloud.devices.telemetry import parse_mqtt_url
-from cloud.edge import ControllerSettings
 from cloud.hub.ownership import sanitize_id
 from cloud.hub.server import HubSettings
+from cloud.mirror.controller import ControllerSettings
 from edge import logs
-from edge.cli import validate_cloud_url, validate_node_name, version_info
+from edge.cli_shared import validate_cloud_url, validate_node_name, version_info
 from edge.version import __version__
 
 log = logging.getLogger("cloud")

@@ -17,14 +17,14 @@ from lightkube.core.exceptions import ApiError
 
 from cloud import bootstrap, installer, kube, pki
 from cloud.devices import crds
-from cloud.edge import ControllerSettings, EdgeController
-from cloud.edge import metrics as controller_metrics
 from cloud.hub.metrics import HubMetrics, serve_metrics
 from cloud.hub.ownership import Ownership, default_replica_id
 from cloud.hub.reports import Fanout, ReportLog, ReportSink
 from cloud.hub.server import Hub, HubSettings, tune_gc
 from cloud.hub.tls import server_context
 from cloud.hub.watermarks import WatermarkStore
+from cloud.mirror import controller_metrics as controller_metrics
+from cloud.mirror.controller import ControllerSettings, EdgeController
 from edge.identity import CA_PATH, JOIN_PATH
 
 log = logging.getLogger("cloud")

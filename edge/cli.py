@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import importlib
 import json
-import platform
-import re
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
 from edge import defaults, logs
 from edge.cli_options import data_dir_option
+from edge.cli_shared import validate_cloud_url, validate_node_name, version_info
 from edge.version import __version__, build_info
 from edge.wire.keys import split_key
 
 # The agent, images and devices are imported by the commands that use them, not here: the native
 # binary's `outpost version` would otherwise load some 900 modules to print one line.
-
-# Kubernetes node names are DNS-1123 subdomains.
-_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class NotImplementedYet(click.ClickException):
@@ -38,33 +33,6 @@ class NotImplementedYet(click.ClickException):
 
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is not implemented yet in outpost {__version__}")
-
-
-def version_info() -> dict[str, str]:
-    """What ``outpost version`` reports; also sent to the cloud as the node's agent version."""
-    return {
-        "version": __version__,
-        "python": platform.python_version(),
-        "platform": f"{sys.platform}/{platform.machine()}",
-    }
-
-
-def validate_node_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
-    if len(value) > 253 or not _NODE_NAME.fullmatch(value):
-        raise click.BadParameter(
-            f"{value!r} is not a valid node name: use lower-case letters, digits, '-' and '.',"
-            " starting and ending with a letter or digit, at most 253 characters"
-        )
-    return value
-
-
-def validate_cloud_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme != "https" or not parts.hostname:
-        raise click.BadParameter(f"{value!r} is not an https:// URL of an outpost-cloud")
-    return value
 
 
 class LazyGroup(click.Group):

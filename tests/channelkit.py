@@ -18,7 +18,7 @@ from lightkube import AsyncClient
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap
 
-from cloud.edge.index import NODE_LABEL
+from cloud.mirror.edge_index import NODE_LABEL
 from edge.store import Store
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.processes import REPO, VENV_BIN

@@ -18,8 +18,8 @@ from typing import Any
 import trio
 from lightkube import AsyncClient
 
-from cloud.edge import ControllerSettings, EdgeController
 from cloud.hub.server import Hub, HubSettings
+from cloud.mirror.controller import ControllerSettings, EdgeController
 from edge.hub.client import EdgeHub
 from edge.store import Store
 from edge.store.aio import AsyncStore

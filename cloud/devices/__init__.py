@@ -2,9 +2,10 @@
 the telemetry sink (``telemetry``).
 
 Devices and DeviceModels travel to their nodes through the edge controller
-(``cloud.edge.index`` routes them by ``spec.nodeName``, like pods); what the edges report comes
-back through ``cloud.edge.reports``, which hands twins to ``status.DeviceStatusWriter`` and
-readings to a ``telemetry`` sink. docs/devices.md maps KubeEdge's objects onto these.
+(``cloud.mirror.edge_index`` routes them by ``spec.nodeName``, like pods); what the edges report
+comes back through ``cloud.mirror.kube_reports``, which hands twins to
+``status.DeviceStatusWriter`` and readings to a ``telemetry`` sink. docs/devices.md maps
+KubeEdge's objects onto these.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from lightkube.core.exceptions import ApiError
 from lightkube.types import PatchType
 
 from cloud.devices import API_VERSION, DeviceStatus
-from cloud.edge.events import TokenBucket
-from cloud.edge.retry import transient
+from cloud.mirror.kube_events import TokenBucket
+from cloud.mirror.kube_retry import transient
 
 log = logging.getLogger("cloud.devices.status")
 
@@ -45,8 +45,8 @@ STATES = ("online", "offline", "unknown")
 DeviceId = tuple[str, str]
 
 
-# As cloud.edge.retry's (not imported: cloud.edge imports this module, and it must not need
-# cloud.edge to be imported first).
+# As cloud.mirror.kube_retry's (not imported: cloud.mirror imports this module, and it must not
+# need cloud.mirror to be imported first).
 @dataclass(frozen=True)
 class PendingStatus:
     node: str

@@ -7,7 +7,7 @@ persisted watermark may lag what was acknowledged). Together that is exactly-onc
 ``ReportLog`` is the sink for audit and tests: one JSON line per report in a file, written and
 fsynced before the acknowledgement. On start it reads the file back to learn each node's last
 logged sequence number, which is what makes repeats harmless. The edge controller's sink
-(``cloud.edge.reports``) writes to Kubernetes; ``Fanout`` runs it and the log together.
+(``cloud.mirror.kube_reports``) writes to Kubernetes; ``Fanout`` runs it and the log together.
 """
 
 from __future__ import annotations

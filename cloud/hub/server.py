@@ -9,7 +9,7 @@ Admission control against reconnect storms: at most ``max_handshakes`` connectio
 TCP accept and Welcome at once. A connection that finds no slot within ``admission_wait_s`` is
 answered with HTTP 503 and a ``Retry-After`` that grows with the backlog, which the edges honour.
 
-Each node's downstream stream (``cloud.hub.nodes.NodeStream``) outlives its sessions;
+Each node's downstream stream (``cloud.hub.streams.NodeStream``) outlives its sessions;
 watermarks are persisted in batches by ``cloud.hub.watermarks``. Other WebSocket paths (the
 join exchange) are served by handlers passed in ``routes``.
 
@@ -41,11 +41,11 @@ from trio_websocket import (
 )
 
 from cloud.hub.metrics import HubMetrics
-from cloud.hub.nodes import NodeStream, Positions, SourceObject, Watermark
 from cloud.hub.ownership import Elsewhere, Ownership, OwnershipUnavailable
 from cloud.hub.reports import LogOnly, ReportSink
+from cloud.hub.streams import NodeStream, Positions, SourceObject, Watermark
 from cloud.hub.watermarks import WatermarkStore
-from edge.hub.client import (
+from edge.websocket import (
     CONNECT_PATH,
     NORMAL_CLOSURE,
     PROTOCOL_ERROR,

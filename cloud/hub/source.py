@@ -3,7 +3,7 @@
 The hub asks its source for a node's objects (``objects``) when it resyncs the node, and reads
 ``positions`` (how far it has got, per kind) for resume watermarks; the source calls
 ``publish`` on its sink (the hub) for every change. In the service the source is
-``cloud.edge.source.EdgeSource`` (Kubernetes); ``MemorySource`` holds objects in memory for
+``cloud.mirror.edge_source.EdgeSource`` (Kubernetes); ``MemorySource`` holds objects in memory for
 the hub benchmark and for tests about the channel.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import trio
 
-from cloud.hub.nodes import ANY_KIND, Positions, SourceObject
+from cloud.hub.streams import ANY_KIND, Positions, SourceObject
 
 
 class Sink(Protocol):

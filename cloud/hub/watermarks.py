@@ -22,7 +22,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap
 from lightkube.types import PatchType
 
-from cloud.hub.nodes import Watermark
+from cloud.hub.streams import Watermark
 from cloud.kube import ensure_namespace
 
 log = logging.getLogger("cloud.hub.watermarks")

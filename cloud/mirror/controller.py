@@ -1,13 +1,8 @@
-"""The edge controller: edge nodes in Kubernetes, in both directions.
+"""The edge controller: its parts, built in the order they need each other, and run together.
 
-Downstream, ``source.EdgeSource`` decides what each node holds (its pods, the ConfigMaps,
-Secrets and service-account tokens they refer to, ConfigMaps labelled for it, its Devices and
-their DeviceModels) and feeds the hub. Upstream, ``reports.KubeReports`` writes pod status,
-node status and events, finishes pod deletions, and hands device twins to the DeviceStatus
-writer and readings to the telemetry sink (``cloud.devices``); ``nodes.NodeKeeper`` keeps each
-connected node's Node and Lease.
-
-The keys and bodies exchanged with the edge are described in ``edge.wire.keys``.
+Downstream, ``edge_source.EdgeSource`` decides what each node holds and hands every change to
+the hub's node streams. Upstream, ``kube_reports.KubeReports`` writes what the edges report;
+``node_keeper.NodeKeeper`` keeps each connected node's Node and Lease.
 """
 
 from __future__ import annotations
@@ -21,13 +16,13 @@ from lightkube import AsyncClient
 from cloud.devices import API_VERSION, crds
 from cloud.devices.status import DeviceStatusWriter
 from cloud.devices.telemetry import DropTelemetry, MqttTelemetry, TelemetrySink
-from cloud.edge.events import EventRecorder, PodEvent, now_rfc3339
-from cloud.edge.index import DeviceEntry
-from cloud.edge.nodes import NodeKeeper
-from cloud.edge.reports import KubeReports
-from cloud.edge.source import EdgeSource
+from cloud.mirror.edge_index import DeviceEntry
+from cloud.mirror.edge_source import EdgeSource
+from cloud.mirror.kube_events import EventRecorder, PodEvent, now_rfc3339
+from cloud.mirror.kube_reports import KubeReports
+from cloud.mirror.node_keeper import NodeKeeper
 
-log = logging.getLogger("cloud.edge")
+log = logging.getLogger("cloud.mirror")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cloud.edge import EdgeController
+from cloud.mirror.controller import EdgeController
 
 
 class ControllerCollector(Collector):

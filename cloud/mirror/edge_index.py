@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloud.devices import resource_body
-from cloud.edge.refs import Ref, TokenSpec, object_body, pod_body, references, token_specs
-from cloud.hub.nodes import SourceObject
+from cloud.hub.streams import SourceObject
+from cloud.mirror.pod_refs import Ref, TokenSpec, object_body, pod_body, references, token_specs
 from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND, TOKEN_KIND, object_key
 
 NODE_LABEL = "outpost.io/node"

@@ -1,7 +1,7 @@
 """The edge controller's view of Kubernetes: what each edge node must hold.
 
 Informers watch the Outpost nodes (label ``outpost.io/edge``), the pods bound to any node,
-the ConfigMaps and Secrets, and the Devices and DeviceModels; ``cloud.edge.index.EdgeIndex``
+the ConfigMaps and Secrets, and the Devices and DeviceModels; ``cloud.mirror.edge_index.EdgeIndex``
 decides which of them each node holds and hands every change to the hub. Three things happen
 on the way:
 
@@ -14,7 +14,7 @@ on the way:
   cannot use it); ``on_device_problem`` is told once per device and missing model, for a
   Warning event on the Device.
 - Pods on Outpost nodes are given an unlimited NoExecute toleration of the unreachable and
-  not-ready taints, so a gateway that goes offline keeps its pods (see ``refs``).
+  not-ready taints, so a gateway that goes offline keeps its pods (see ``pod_refs``).
 
 ``positions`` says, for each kind, up to which resourceVersion every change has been handed to
 the hub; the pods' is held below any pod still waiting for its tokens.
@@ -38,13 +38,13 @@ from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, ServiceAcc
 from lightkube.types import PatchType
 
 from cloud.devices import Device, DeviceModel
-from cloud.edge.index import DEVICE_MODEL, DeviceEntry, EdgeIndex
-from cloud.edge.informer import Informer
-from cloud.edge.refs import TokenSpec, autonomous_tolerations, token_specs
-from cloud.hub.nodes import Positions, SourceObject, rv_number
 from cloud.hub.source import Sink
+from cloud.hub.streams import Positions, SourceObject, rv_number
+from cloud.mirror.edge_index import DEVICE_MODEL, DeviceEntry, EdgeIndex
+from cloud.mirror.informer import Informer
+from cloud.mirror.pod_refs import TokenSpec, autonomous_tolerations, token_specs
 
-log = logging.getLogger("cloud.edge")
+log = logging.getLogger("cloud.mirror")
 
 EDGE_LABEL = "outpost.io/edge"
 TOKEN_REFRESH_FRACTION = 0.8

@@ -19,9 +19,9 @@ from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.core.selector import build_selector
 
-from cloud.hub.nodes import rv_number
+from cloud.hub.streams import rv_number
 
-log = logging.getLogger("cloud.edge")
+log = logging.getLogger("cloud.mirror")
 
 Handler = Callable[[dict[str, Any]], None]
 LIST_PAGE = 500

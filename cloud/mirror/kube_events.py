@@ -22,7 +22,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Event
 from lightkube.types import PatchType
 
-log = logging.getLogger("cloud.edge.events")
+log = logging.getLogger("cloud.mirror.kube_events")
 
 COMPONENT = "outpost"
 # Recently written events remembered for aggregation.

@@ -1,11 +1,11 @@
 """Reports from edge nodes written to Kubernetes, after checking the node may write them.
 
-- ``/Node/<node>`` status: the Node's status (``cloud.edge.nodes``).
+- ``/Node/<node>`` status: the Node's status (``cloud.mirror.node_keeper``).
 - ``namespace/Pod/name`` status: the pod's status subresource, strategic-merge-patched (so
   conditions others own, such as a readiness gate's, stay). Of several reports for one pod in a
   batch only the last is written. A report saying the pod has ``stopped`` after its deletion
   began finishes the deletion: the pod is deleted with grace period 0, for that uid only.
-- Events: handed to ``cloud.edge.events``.
+- Events: handed to ``cloud.mirror.kube_events``.
 - ``twin`` ``namespace/Device/name``: the device's reported state, handed to
   ``cloud.devices.status`` (coalesced and rate-limited there; the latest of a batch only).
 - ``telemetry`` ``namespace/Device/name``: readings, handed to the telemetry sink
@@ -35,15 +35,15 @@ from lightkube.types import PatchType
 
 from cloud.devices.status import DeviceStatusWriter
 from cloud.devices.telemetry import DropTelemetry, Reading, TelemetrySink
-from cloud.edge.events import EventRecorder, event_from_report
-from cloud.edge.index import DEVICE, DeviceEntry, EdgeIndex, PodEntry
-from cloud.edge.nodes import NodeKeeper
-from cloud.edge.retry import retrying
 from cloud.kube import delete_if
+from cloud.mirror.edge_index import DEVICE, DeviceEntry, EdgeIndex, PodEntry
+from cloud.mirror.kube_events import EventRecorder, event_from_report
+from cloud.mirror.kube_retry import retrying
+from cloud.mirror.node_keeper import NodeKeeper
 from edge.wire.events import Message, Op
 from edge.wire.keys import NODE_PREFIX, node_key, split_key
 
-log = logging.getLogger("cloud.edge.reports")
+log = logging.getLogger("cloud.mirror.kube_reports")
 
 
 class Refused(Exception):

@@ -10,7 +10,7 @@ import tenacity
 import trio
 from lightkube.core.exceptions import ApiError
 
-log = logging.getLogger("cloud.edge")
+log = logging.getLogger("cloud.mirror")
 
 # Too many requests, conflicts from a concurrent writer, and the apiserver's own troubles.
 TRANSIENT_CODES = frozenset({409, 429, 500, 502, 503, 504})

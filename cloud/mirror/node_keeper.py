@@ -25,11 +25,11 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Node, NodeStatus
 from lightkube.types import PatchType
 
-from cloud.edge.retry import transient
-from cloud.edge.source import EDGE_LABEL
+from cloud.mirror.edge_source import EDGE_LABEL
+from cloud.mirror.kube_retry import transient
 from edge.wire.events import Hello
 
-log = logging.getLogger("cloud.edge.nodes")
+log = logging.getLogger("cloud.mirror.node_keeper")
 
 LEASE_NAMESPACE = "kube-node-lease"
 EDGE_ROLE_LABEL = "node-role.kubernetes.io/edge"

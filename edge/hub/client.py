@@ -26,7 +26,7 @@ import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import tenacity
 import trio
@@ -43,6 +43,14 @@ from edge.hub.targets import MAX_REDIRECTS, Targets, cloud_url_of
 from edge.store import StoreError
 from edge.store.aio import AsyncStore
 from edge.version import __version__
+from edge.websocket import (
+    PROTOCOL_ERROR,
+    close_session,
+    header,
+    retry_after_header,
+    unwrap,
+    websocket_url,
+)
 from edge.wire import codec
 from edge.wire.codec import ProtocolError
 from edge.wire.connection import (
@@ -59,7 +67,6 @@ from edge.wire.window import InFlight, ReceiveWindow
 
 log = logging.getLogger("edge.hub")
 
-CONNECT_PATH = "/v1/connect"
 # Frames waiting to be applied; the reader stops reading (TCP pushes back) when it is full.
 FRAME_BUFFER = 64
 # The most a retry-after hint may keep the edge away, whatever the cloud says.
@@ -113,31 +120,9 @@ class HubConfig:
         return [self.cloud_url, *self.fallback_urls]
 
 
-def websocket_url(cloud_url: str) -> str:
-    """Where an edge connects, for a cloud at ``cloud_url`` (``https://host:port``)."""
-    parts = urlsplit(cloud_url)
-    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, CONNECT_PATH, "", ""))
-
-
-def retry_after_header(exc: ConnectionRejected) -> float | None:
-    value = _header(exc, b"retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _header(exc: ConnectionRejected, name: bytes) -> bytes | None:
-    for key, value in exc.headers or ():
-        if key.lower() == name:
-            return value
-    return None
-
-
 def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
     body = (exc.body or b"").decode(errors="replace").strip()[:200]
-    location = _header(exc, b"location")
+    location = header(exc, b"location")
     if exc.status_code in (307, 308) and location:
         target = cloud_url_of(location.decode(errors="replace"), url)
         return Redirected(
@@ -147,46 +132,6 @@ def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
         f"cloud at {url} rejected the connection with HTTP {exc.status_code}: {body}",
         retry_after_s=retry_after_header(exc),
     )
-
-
-NORMAL_CLOSURE = 1000
-PROTOCOL_ERROR = 1002
-
-
-async def close_session(ws: WebSocketConnection, conn: Connection, code: int, reason: str) -> None:
-    """Tell the peer why (a Close frame, then the WebSocket close), within a second, even
-    while being cancelled; a peer already gone is fine."""
-    with trio.move_on_after(1) as scope:
-        scope.shield = True
-        try:
-            await ws.send_message(conn.close(reason))
-            await ws.aclose(code=code, reason=reason[:120])
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-
-def unwrap(group: BaseExceptionGroup, *preferred: type[BaseException]) -> BaseException:
-    """The one exception that explains why a nursery of session tasks ended.
-
-    When one task fails, trio cancels its siblings, so the group holds the failure plus
-    cancellations. The first leaf of a ``preferred`` type wins, in the order given; a group with
-    none of them (a bug, or a cancellation from outside) is returned unchanged.
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for kind in preferred:
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return group
 
 
 class EdgeHub:

@@ -27,8 +27,8 @@ from lightkube.types import PatchType
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cloud.devices import Device, DeviceModel, DeviceStatus, crds
-from cloud.edge import ControllerSettings
-from cloud.edge import metrics as controller_metrics
+from cloud.mirror import controller_metrics as controller_metrics
+from cloud.mirror.controller import ControllerSettings
 from edge.wire.events import Op
 from tests.cluster.controlplane import ControlPlane
 from tests.controllerkit import Cloud, agent, start_controller

@@ -33,8 +33,8 @@ from lightkube.resources.core_v1 import (
 from lightkube.types import PatchType
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cloud.edge import ControllerSettings
-from cloud.edge import metrics as controller_metrics
+from cloud.mirror import controller_metrics as controller_metrics
+from cloud.mirror.controller import ControllerSettings
 from edge.wire.events import Op
 from tests.controllerkit import Cloud, agent, start_controller
 from tests.waiting import eventually

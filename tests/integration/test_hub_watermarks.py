@@ -12,9 +12,9 @@ from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.resources.core_v1 import ConfigMap
 
-from cloud.hub.nodes import NodeStream
 from cloud.hub.server import Hub, HubSettings
 from cloud.hub.source import MemorySource
+from cloud.hub.streams import NodeStream
 from cloud.hub.watermarks import WatermarkStore, shard_name, shard_of
 from edge.hub.client import EdgeHub
 from edge.store import Store

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from cloud.devices import API_VERSION
-from cloud.edge.index import EdgeIndex
-from cloud.hub.nodes import SourceObject
+from cloud.hub.streams import SourceObject
+from cloud.mirror.edge_index import EdgeIndex
 
 NS = "ns"
 

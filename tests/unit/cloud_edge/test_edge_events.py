@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cloud.edge.events import TokenBucket, event_from_report
+from cloud.mirror.kube_events import TokenBucket, event_from_report
 
 
 def takes(bucket: TokenBucket, now: float, times: int) -> list[bool]:

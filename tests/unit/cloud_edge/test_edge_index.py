@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from cloud.edge.index import EdgeIndex
-from cloud.hub.nodes import SourceObject
+from cloud.hub.streams import SourceObject
+from cloud.mirror.edge_index import EdgeIndex
 
 NS = "ns"
 

@@ -9,9 +9,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from cloud.edge.index import EdgeIndex
-from cloud.edge.refs import object_body, pod_body, references
-from cloud.hub.nodes import SourceObject
+from cloud.hub.streams import SourceObject
+from cloud.mirror.edge_index import EdgeIndex
+from cloud.mirror.pod_refs import object_body, pod_body, references
 
 NS = "ns"
 NODES = ("a", "b")

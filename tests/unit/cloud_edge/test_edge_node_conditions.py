@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloud.edge.nodes import node_conditions
+from cloud.mirror.node_keeper import node_conditions
 
 EARLIER = "2024-05-01T09:00:00Z"
 NOW = "2024-05-01T10:00:00Z"

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud.edge.refs import (
+from cloud.mirror.pod_refs import (
     autonomous_tolerations,
     object_body,
     pod_body,

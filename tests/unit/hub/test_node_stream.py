@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloud.hub.nodes import NodeStream, SourceObject, Watermark
+from cloud.hub.streams import NodeStream, SourceObject, Watermark
 from edge.wire.events import Op
 
 
