@@ -7,6 +7,7 @@ its own data folder, optionally inside a network namespace (``tests.netns.EdgeLi
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from cloud.mirror.edge_index import NODE_LABEL
 from edge.store import Store
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.processes import REPO, VENV_BIN
+from tests.waiting import eventually
 
 
 class LogFile:
@@ -39,14 +41,20 @@ class LogFile:
     async def wait_for(self, pattern: str) -> re.Match[str]:
         """The first line from the last match on that matches; put a fail_after around it."""
         regex = re.compile(pattern)
-        while True:
+
+        def next_match() -> re.Match[str] | None:
             data = self.path.read_bytes()[self._offset :]
             end = data.rfind(b"\n") + 1
             for line in data[:end].decode(errors="replace").splitlines(keepends=True):
                 self._offset += len(line.encode())
                 if match := regex.search(line):
                     return match
-            await trio.sleep(0.05)
+            return None
+
+        # The callers' deadlines differ (a failover, a restart); theirs is the one that counts.
+        return await eventually(
+            next_match, f"{self.path.name} has a line matching {pattern!r}", within=math.inf
+        )
 
 
 async def spawn(log: Path, *args: str | Path) -> tuple[trio.Process, LogFile]:

@@ -31,7 +31,6 @@ registry, and deletes the Node objects so the cluster's pod GC removes their pod
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,6 +46,7 @@ from tests.netns import EdgeLink
 from tests.podkit import IMAGE_REPOSITORY
 from tests.processes import VENV_BIN
 from tests.registry import Registry, build_image
+from tests.waiting import eventually
 
 T = TypeVar("T")
 
@@ -80,6 +80,10 @@ def _listening(pid: int, port: int) -> bool:
         return False
     local = f"0100007F:{port:04X}"
     return any(row.split()[1] == local and row.split()[3] == "0A" for row in table)
+
+
+class RuncListFailed(Exception):
+    """`runc list` failed; it does when a container goes while it reads."""
 
 
 class EdgeNode:
@@ -132,30 +136,39 @@ class EdgeNode:
             f"TCP-LISTEN:{registry_port},bind=127.0.0.1,reuseaddr,fork",
             f"TCP:{self.link.host_ip}:{registry_port}",
         )
-        with trio.fail_after(10):
-            while not _listening(self.relay.pid, registry_port):
-                if self.relay.returncode is not None:
-                    raise RuntimeError(
-                        f"the registry relay in {self.link.netns} ended: "
-                        + _tail(folder / f"{self.name}-relay.log")
-                    )
-                await trio.sleep(0.02)
+
+        def listening() -> bool:
+            if self.relay.returncode is not None:
+                raise RuntimeError(
+                    f"the registry relay in {self.link.netns} ended: "
+                    + _tail(folder / f"{self.name}-relay.log")
+                )
+            return _listening(self.relay.pid, registry_port)
+
+        await eventually(
+            listening, f"the registry relay listens on {registry_port}", within=10, interval=0.02
+        )
 
     async def containers(self) -> dict[str, dict[str, Any]]:
         """The containers runc knows under this agent's root: id → runc's state (``status``,
         ``pid``, …). Ids are ``<pod uid>-<container name>``."""
-        for _ in range(5):
-            # runc fails the whole list when a container goes while it reads: ask again.
+
+        async def listed() -> bytes:
             result = await trio.run_process(
                 ["runc", "--root", str(self.runc_root), "list", "--format", "json"],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
             )
-            if result.returncode == 0:
-                return {c["id"]: c for c in json.loads(result.stdout or b"null") or []}
-            await trio.sleep(0.05)
-        raise RuntimeError(f"runc list failed: {result.stderr.decode().strip()}")
+            if result.returncode != 0:
+                raise RuncListFailed(result.stderr.decode().strip())
+            return result.stdout or b"null"
+
+        # runc fails the whole list when a container goes while it reads: ask again.
+        listing = await eventually(
+            listed, "runc lists the containers", within=2, ignoring=(RuncListFailed,)
+        )
+        return {c["id"]: c for c in json.loads(listing) or []}
 
     async def pod_containers(self, uid: str) -> dict[str, dict[str, Any]]:
         return {i: c for i, c in (await self.containers()).items() if i.startswith(f"{uid}-")}
@@ -346,21 +359,9 @@ class EdgeCluster:
         within: float = 30,
         interval: float = 0.25,
     ) -> T:
-        """Wait until ``check()`` (sync or async) returns something truthy, and return it.
-
-        Other processes change what it looks at, so it is polled. After ``within`` seconds the
-        assertion says what was awaited and what ``check`` returned last.
-        """
-        last: Any = None
-        with trio.move_on_after(within):
-            while True:
-                last = check()
-                if inspect.isawaitable(last):
-                    last = await last
-                if last:
-                    return last
-                await trio.sleep(interval)
-        raise AssertionError(f"timed out after {within:.0f} s waiting until {what}; last: {last!r}")
+        """``tests.waiting.eventually`` with a cluster's pace: its checks mostly run kubectl, and
+        what they wait for takes a node's round trip through the apiserver."""
+        return await eventually(check, what, within=within, interval=interval)
 
     async def diagnostics(self) -> str:
         """The tails of the cloud's and agents' logs, and what the apiserver says."""

@@ -6,8 +6,9 @@
   same port lets a test cut the broker away and bring it back.
 - ``mosquitto`` (fixture): one broker per test.
 - ``TestClient``: a paho client on its own network thread (``loop_start``) for the test side of a
-  conversation: ``subscribe`` then ``await expect(topic)``, ``publish``. Test code only — the
-  product drives paho from trio without threads (``edge.devices.drivers.mqtt``).
+  conversation: ``subscribe`` then ``await expect(topic)``, ``publish``. Test code only, and on
+  purpose not the product's client (``edge.mqtt``, paho driven from trio without threads): the
+  peer a test checks against is independent of the code under test.
 
 Every wait is bounded: a test that waits for a message that never comes fails with what it did
 receive instead of hanging.
@@ -15,6 +16,7 @@ receive instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -23,7 +25,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 import trio
+
+from tests.waiting import eventually, eventually_sync
 
 MOSQUITTO_BIN = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 
@@ -74,19 +77,19 @@ class Mosquitto:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def listening() -> bool:
             if self._process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log_path.read_text()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"mosquitto did not listen on {self.port}: {self.log_path.read_text()}"
-                    ) from None
-                time.sleep(0.05)
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+
+        try:
+            eventually_sync(
+                listening, f"mosquitto listens on {self.port}", within=timeout, ignoring=(OSError,)
+            )
+        except AssertionError as exc:
+            raise TimeoutError(f"{exc}; its log: {self.log_path.read_text()}") from exc
 
     def stop(self) -> None:
         if self._process is not None:
@@ -157,13 +160,17 @@ class TestClient:
     async def subscribe(self, topic: str, qos: int = 1, within: float = 5.0) -> None:
         """Subscribe and wait for the broker's SUBACK, so nothing published after is missed."""
         _rc, mid = self.client.subscribe(topic, qos)
-        with trio.fail_after(within):
-            while True:
-                try:
+
+        def acknowledged() -> bool:
+            with contextlib.suppress(queue.Empty):
+                while True:
                     if self._subscribed.get_nowait() == mid:
-                        return
-                except queue.Empty:
-                    await trio.sleep(0.01)
+                        return True
+            return False
+
+        await eventually(
+            acknowledged, f"the broker acknowledges {topic!r}", within=within, interval=0.01
+        )
 
     def publish(self, topic: str, payload: Any, qos: int = 1, retain: bool = False) -> None:
         if isinstance(payload, dict | list):
@@ -174,18 +181,21 @@ class TestClient:
     async def expect(self, topic: str, within: float = 5.0) -> paho.MQTTMessage:
         """The next message whose topic matches ``topic`` (MQTT wildcards allowed)."""
         pattern = _topic_regex(topic)
-        try:
-            with trio.fail_after(within):
+
+        def arrived() -> paho.MQTTMessage | None:
+            with contextlib.suppress(queue.Empty):
                 while True:
-                    try:
-                        msg = self._messages.get_nowait()
-                    except queue.Empty:
-                        await trio.sleep(0.01)
-                        continue
+                    msg = self._messages.get_nowait()
                     self.seen.append((msg.topic, msg.payload))
                     if pattern.fullmatch(msg.topic):
                         return msg
-        except trio.TooSlowError:
+            return None
+
+        try:
+            return await eventually(
+                arrived, f"a message on {topic!r}", within=within, interval=0.01
+            )
+        except AssertionError:
             raise AssertionError(
                 f"no message on {topic!r} within {within}s; seen: {self.seen}"
             ) from None

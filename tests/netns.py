@@ -52,6 +52,8 @@ from typing import Any, Literal, TypeVar
 
 import pytest
 
+from tests.waiting import eventually_sync
+
 REPO = Path(__file__).resolve().parent.parent
 
 POOL = ipaddress.IPv4Network("10.213.0.0/16")
@@ -131,14 +133,17 @@ def netns_pids(name: str) -> list[int]:
 
 def _kill_all_in(name: str, *, timeout: float = 5.0) -> None:
     """SIGKILL every process in the namespace and wait until none is left."""
-    deadline = time.monotonic() + timeout
-    while pids := [pid for pid in netns_pids(name) if pid != os.getpid()]:
-        if time.monotonic() > deadline:
-            raise NetnsError(f"processes {pids} in netns {name} survived SIGKILL for {timeout} s")
+
+    def none_left() -> bool:
+        pids = [pid for pid in netns_pids(name) if pid != os.getpid()]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
+        return not pids
+
+    eventually_sync(
+        none_left, f"no process in netns {name} survives SIGKILL", within=timeout, interval=0.02
+    )
 
 
 def _remove_netns(name: str) -> None:
@@ -391,18 +396,18 @@ class EdgeLink:
     def restore(self, *, timeout: float = 3.0) -> None:
         """Bring both ends back up with their addresses, and wait until they carry traffic."""
         self._configure_ends()
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def both_up() -> bool:
             host = _ip_json("link", "show", "dev", self.host_if)[0]
             edge = _ip_json("link", "show", "dev", self.edge_if, netns=self.netns)[0]
-            if host["operstate"] == "UP" and edge["operstate"] == "UP":
-                break
-            if time.monotonic() > deadline:
-                raise NetnsError(
-                    f"{self.host_if} is {host['operstate']} and {self.edge_if} is "
-                    f"{edge['operstate']} {timeout} s after restore()"
-                )
-            time.sleep(0.01)
+            return host["operstate"] == "UP" and edge["operstate"] == "UP"
+
+        eventually_sync(
+            both_up,
+            f"{self.host_if} and {self.edge_if} are UP after restore()",
+            within=timeout,
+            interval=0.01,
+        )
         self._cut = False
 
     def degrade(

@@ -48,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tests.waiting import eventually_sync
+
 REGISTRY_BIN = Path("/usr/bin/docker-registry")
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_APPLETS = (
@@ -414,6 +416,10 @@ class TokenServer:
 # -- the registry ------------------------------------------------------------------------------
 
 
+class RegistryExited(Exception):
+    """The registry process ended while it was awaited."""
+
+
 class Registry:
     """``docker-registry serve`` on 127.0.0.1:<free port>, its storage in a temporary
     directory; use as a context manager."""
@@ -469,15 +475,23 @@ class Registry:
             self._process = subprocess.Popen(
                 [REGISTRY_BIN, "serve", config], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(httpx2.TransportError):
-                if httpx2.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401):
-                    return self
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"the registry did not start: {self.log()}")
-            time.sleep(0.05)
+
+        def answers() -> bool:
+            if self._process.poll() is not None:
+                raise RegistryExited
+            return httpx2.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401)
+
+        try:
+            eventually_sync(
+                answers,
+                f"the registry answers on {self.url}/v2/",
+                within=15,
+                ignoring=(httpx2.TransportError,),
+            )
+        except (AssertionError, RegistryExited) as exc:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"the registry did not start: {self.log()}") from exc
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._process is not None:

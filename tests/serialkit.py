@@ -50,6 +50,8 @@ from typing import Any
 
 import trio
 
+from tests.waiting import eventually
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: Table names the control API takes, and the function code each is read with.
@@ -172,10 +174,12 @@ def _prepare(directory: Path, *stale: Path) -> None:
 
 async def _wait_ready(process: trio.Process, log: Path) -> None:
     """Wait for the far end's "ready" line in its log (it says why when it fails)."""
-    with trio.fail_after(20):
-        while not _log_says(log, b"ready\n"):
-            _died(process, log, "the simulator")
-            await trio.sleep(0.02)
+
+    def ready() -> bool:
+        _died(process, log, "the simulator")
+        return _log_says(log, b"ready\n")
+
+    await eventually(ready, "the simulator says it is ready", within=20, interval=0.02)
 
 
 async def _start_socat(a: Path, b: Path, log: Path) -> trio.Process:
@@ -187,10 +191,12 @@ async def _start_socat(a: Path, b: Path, log: Path) -> trio.Process:
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        with trio.fail_after(5):
-            while not _log_says(log, b"starting data transfer loop"):
-                _died(process, log, "socat")
-                await trio.sleep(0.01)
+
+        def transferring() -> bool:
+            _died(process, log, "socat")
+            return _log_says(log, b"starting data transfer loop")
+
+        await eventually(transferring, "socat links the two ends", within=5, interval=0.01)
     except BaseException:
         await _stop(process)
         raise

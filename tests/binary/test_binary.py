@@ -171,14 +171,16 @@ class BinaryAgent(Managed):
     async def drain_and_stop(self) -> None:
         """Once its pods are gone (deleted by the caller), wait until the agent has stopped
         their containers and unmounted their volumes, then stop it; nothing stays mounted."""
-        with trio.move_on_after(60):
-            while (  # noqa: ASYNC110
-                self.process is not None
-                and self.process.returncode is None
-                and (self.containers() or await mounts_under(self.folder))
-            ):
-                await trio.sleep(0.2)
-        await self.stop()
+
+        async def torn_down() -> bool:
+            if self.process is None or self.process.returncode is not None:
+                return True
+            return not self.containers() and not await mounts_under(self.folder)
+
+        try:
+            await eventually(torn_down, "the agent has torn its pods down", within=60, interval=0.2)
+        finally:
+            await self.stop()
         assert await mounts_under(self.folder) == []
 
 
@@ -286,13 +288,20 @@ async def test_standalone_modbus_devices_over_tcp_and_a_serial_line(
             props = {p["name"]: p for p in twin(name).get("properties", [])}
             return props.get(what, {}).get("value")
 
-        with trio.fail_after(30):
-            for name, expected in (("over-tcp", "21.5"), ("over-rtu", "18.7")):
-                while prop(name, "temperature") != expected:  # noqa: ASYNC110
-                    await trio.sleep(0.2)
-                while prop(name, "setpoint") != "20.5":  # noqa: ASYNC110
-                    await trio.sleep(0.2)
-                assert twin(name)["state"] == "online"
+        for name, expected in (("over-tcp", "21.5"), ("over-rtu", "18.7")):
+            await eventually(
+                lambda n=name, e=expected: prop(n, "temperature") == e,
+                f"{name} reports its temperature {expected}",
+                within=30,
+                interval=0.2,
+            )
+            await eventually(
+                lambda n=name: prop(n, "setpoint") == "20.5",
+                f"{name} reports the desired setpoint",
+                within=30,
+                interval=0.2,
+            )
+            assert twin(name)["state"] == "online"
         # The desired setpoint reached each device's holding register (scale 0.5).
         assert await tcp.get(1, "hr", 1) == [41]
         assert await line.get(3, "hr", 1) == [41]

@@ -103,10 +103,14 @@ async def agent(tmp_path: Path) -> Iterator[Agent]:
             manifest.unlink()
         if agent.process is None or agent.process.returncode is not None:
             await agent.start()
-        with trio.move_on_after(60):
-            while agent.containers() or await mounts_under(tmp_path):  # noqa: ASYNC110
-                await trio.sleep(0.2)
-        await agent.stop()
+
+        async def torn_down() -> bool:
+            return not agent.containers() and not await mounts_under(tmp_path)
+
+        try:
+            await eventually(torn_down, "the agent has torn its pods down", within=60, interval=0.2)
+        finally:
+            await agent.stop()
         assert await mounts_under(tmp_path) == []
 
 

@@ -63,9 +63,10 @@ async def holder(kube: AsyncClient, namespace: str, node: str) -> str | None:
 
 
 async def until_released(kube: AsyncClient, namespace: str, node: str) -> None:
-    with trio.fail_after(5):
-        while await holder(kube, namespace, node) is not None:  # noqa: ASYNC110 - in Kubernetes
-            await trio.sleep(0.1)
+    async def released() -> bool:
+        return await holder(kube, namespace, node) is None
+
+    await eventually(released, f"the lease of {node} is released", within=5, interval=0.1)
 
 
 # -- the ownership rules, against the apiserver -----------------------------------------------
@@ -144,8 +145,14 @@ async def test_the_nodes_of_a_replica_that_stopped_renewing_are_taken_over_after
     # It stops counting itself the owner before anyone may take over.
     await eventually(lambda: not a.owns("gw-1"), "the owner gives up")
     owner_gave_up = trio.current_time()
-    while not isinstance(verdict := await b.claim("gw-1"), Owned):  # noqa: ASYNC110
-        await trio.sleep(0.1)
+
+    async def owned() -> Owned | None:
+        verdict = await b.claim("gw-1")
+        return verdict if isinstance(verdict, Owned) else None
+
+    verdict = await eventually(
+        owned, "the other replica takes the node", within=a.duration_s + 5, interval=0.1
+    )
     taken = trio.current_time()
     assert verdict == Owned(continuous=False)
     assert owner_gave_up < taken <= stopped + a.duration_s + 1

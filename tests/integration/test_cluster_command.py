@@ -15,6 +15,7 @@ import trio
 
 from tests.cluster import build
 from tests.processes import LineReader, start
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -32,14 +33,6 @@ def _processes_using(path: Path) -> list[int]:
         if str(path).encode() in cmdline:
             found.append(int(proc.name))
     return found
-
-
-async def _wait_gone(workdir: Path) -> None:
-    """Return once no process uses ``workdir``; put a deadline around the call."""
-    while True:
-        if not _processes_using(workdir):
-            return
-        await trio.sleep(0.2)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGKILL])
@@ -68,8 +61,12 @@ async def test_cluster_up_serves_kubectl_and_leaves_nothing_behind(stop_signal, 
         process.send_signal(stop_signal)
         with trio.fail_after(60):
             await process.wait()
-        with trio.fail_after(20):
-            await _wait_gone(workdir)
+        await eventually(
+            lambda: not _processes_using(workdir),
+            f"no process uses {workdir}",
+            within=20,
+            interval=0.2,
+        )
         if stop_signal == signal.SIGINT:
             assert process.returncode == 0
             assert not await trio.Path(workdir).exists(), (

@@ -14,6 +14,8 @@ from lightkube.models.meta_v1 import LabelSelector, ObjectMeta
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, Pod
 
+from tests.waiting import eventually
+
 pytestmark = pytest.mark.cluster
 
 
@@ -126,19 +128,22 @@ async def test_deployment_gets_a_replicaset_and_pending_unschedulable_pods(kube:
             )
         )
 
-        with trio.fail_after(60):
-            while True:
-                sets = [rs async for rs in kube.list(ReplicaSet, namespace=namespace)]
-                pods = [pod async for pod in kube.list(Pod, namespace=namespace)]
-                scheduled = [
-                    c
-                    for pod in pods
-                    for c in (pod.status.conditions or [])
-                    if c.type == "PodScheduled"
-                ]
-                if sets and len(pods) == 2 and len(scheduled) == 2:
-                    break
-                await trio.sleep(0.5)
+        async def both_looked_at() -> tuple[list, list, list] | None:
+            sets = [rs async for rs in kube.list(ReplicaSet, namespace=namespace)]
+            pods = [pod async for pod in kube.list(Pod, namespace=namespace)]
+            scheduled = [
+                c for pod in pods for c in (pod.status.conditions or []) if c.type == "PodScheduled"
+            ]
+            if sets and len(pods) == 2 and len(scheduled) == 2:
+                return sets, pods, scheduled
+            return None
+
+        sets, pods, scheduled = await eventually(
+            both_looked_at,
+            "the Deployment's two pods exist and the scheduler has looked at both",
+            within=60,
+            interval=0.5,
+        )
 
         [replica_set] = sets
         assert replica_set.metadata.ownerReferences[0].kind == "Deployment"

@@ -20,6 +20,7 @@ from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.wire.events import Message, Op
 from tests.serialkit import FarEnd, modbus_line, modbus_tcp_server
+from tests.waiting import eventually
 
 MODEL = {
     "apiVersion": "devices.outpost.io/v1beta1",
@@ -129,12 +130,11 @@ class Edge:
         return twins[-1] if twins else None
 
     async def wait_for(self, name: str, check: Any, within_s: float = 5.0) -> dict[str, Any]:
-        with trio.fail_after(within_s):
-            while True:
-                body = self.twin(name)
-                if body is not None and check(body):
-                    return body
-                await trio.sleep(0.05)
+        def passing() -> dict[str, Any] | None:
+            body = self.twin(name)
+            return body if body is not None and check(body) else None
+
+        return await eventually(passing, f"the twin of {name} passes its check", within=within_s)
 
 
 def twin_value(body: dict[str, Any], prop: str, field: str = "reported") -> str | None:

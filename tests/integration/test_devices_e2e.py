@@ -23,6 +23,7 @@ from tests.channelkit import Cloud, Edge
 from tests.cluster.controlplane import ControlPlane
 from tests.mqttkit import Mosquitto, TestClient
 from tests.serialkit import FarEnd, modbus_line
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.usefixtures("control_plane")
 
@@ -141,9 +142,12 @@ class Site:
         return None
 
     async def until_twin(self, prop: str, value: str, field: str = "reported", within: float = 20):
-        with trio.fail_after(within):
-            while await self.twin(prop, field) != value:  # noqa: ASYNC110 - the apiserver's
-                await trio.sleep(0.1)
+        async def reached() -> bool:
+            return await self.twin(prop, field) == value
+
+        await eventually(
+            reached, f"the twin's {prop} {field} is {value}", within=within, interval=0.1
+        )
 
 
 async def collect(listener: TestClient, topic: str, quiet_s: float = 3.0) -> list[Any]:

@@ -3,14 +3,18 @@ deltas, states, get requests, desired values set by the app, and a broker restar
 
 from __future__ import annotations
 
-import functools
+from pathlib import Path
 
 import trio
 
 from edge.devices.eventbus import DesiredUpdate, EventBus
+from edge.devices.manager import INDEX_KEY, state_key
 from edge.devices.model import DeviceConfig, parse_device
+from edge.store import Store
+from edge.store.aio import AsyncStore
 from tests import mqttkit
 from tests.mqttkit import Mosquitto, TestClient
+from tests.waiting import eventually
 
 mosquitto = mqttkit.mosquitto  # the fixture
 
@@ -127,17 +131,13 @@ async def test_app_conversation(mosquitto: Mosquitto) -> None:
         # The broker goes away: updates meanwhile are dropped, the snapshot after the reconnect
         # carries the latest values.
         mosquitto.stop()
-        with trio.fail_after(5):
-            while bus.connected:  # noqa: ASYNC110 - the link flips it from its callbacks
-                await trio.sleep(0.01)
+        await eventually(lambda: not bus.connected, "the bus sees the broker go", within=5)
         bus.publish_twin("plant", "t1", twin_body("22.0", "25"))
         bus.publish_twin("plant", "t1", twin_body("22.5", "25"))
         mosquitto.start()
         with TestClient(mosquitto) as app:
             await app.subscribe("$hw/events/#")
-            with trio.fail_after(10):
-                while bus.link.connects < 2:  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+            await eventually(lambda: bus.link.connects >= 2, "the bus reconnects", within=10)
             update = await app.expect_json(f"{DEV}/twin/update")
             assert update["twin"]["temperature"]["actual"]["value"] == "22.5"
             assert update["twin"]["setpoint"]["actual"]["value"] == "25"
@@ -170,23 +170,21 @@ async def test_desired_backlog_is_refused_not_dropped(mosquitto: Mosquitto) -> N
         nursery.cancel_scope.cancel()
 
 
-class FakeManager:
-    """The part of ``DeviceManager`` the bus uses: listeners, views(), set_desired()."""
+class Devices:
+    """What the device manager leaves in the store for the bus (a view per device and their
+    index), and the desired values the bus hands on."""
 
-    def __init__(self) -> None:
-        self.listeners: list = []
+    def __init__(self, aio: AsyncStore) -> None:
+        self.aio = aio
         self.desired: list[tuple[str, str, str | None]] = []
-        self._views: dict[str, dict] = {}
-
-    def views(self) -> dict[str, dict]:
-        return dict(self._views)
+        self.keys: list[str] = []
 
     def set_desired(self, key: str, prop: str, text: str | None) -> None:
-        if key not in self._views:
+        if key not in self.keys:
             raise KeyError(key)
         self.desired.append((key, prop, text))
 
-    def report(self, value: str) -> None:
+    async def report(self, value: str) -> None:
         view = {
             "namespace": "plant",
             "name": "t1",
@@ -206,36 +204,41 @@ class FakeManager:
                 }
             ],
         }
-        self._views["plant/Device/t1"] = view
-        for listener in self.listeners:
-            listener("plant/Device/t1", view)
+        self.keys = ["plant/Device/t1"]
+        await self.aio.set_state(INDEX_KEY, self.keys)
+        await self.aio.set_state(state_key("plant/Device/t1"), view)
+
+    async def remove(self) -> None:
+        self.keys = []
+        await self.aio.set_state(INDEX_KEY, self.keys)
+        await self.aio.set_state(state_key("plant/Device/t1"), None)
 
 
-async def test_serve_a_device_manager(mosquitto: Mosquitto) -> None:
-    manager = FakeManager()
-    bus = EventBus(mosquitto.url, node="gw-1")
-    with TestClient(mosquitto) as app:
-        await app.subscribe("$hw/events/#")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(bus.serve, manager, sync_s=0.05))
-            with trio.fail_after(5):
-                await bus.link.wait_connected()
-            manager.report("20")
-            update = await app.expect_json(f"{DEV}/twin/update")
-            assert update["twin"]["setpoint"]["actual"]["value"] == "20"
-            app.publish(
-                f"{DEV}/twin/update",
-                {"event_id": "u", "twin": {"setpoint": {"expected": {"value": "22"}}}},
-            )
-            assert "code" not in await app.expect_json(f"{DEV}/twin/update/result")
-            with trio.fail_after(5):
-                while not manager.desired:  # noqa: ASYNC110 - a plain list, filled by the bus
-                    await trio.sleep(0.01)
-            assert manager.desired == [("plant/Device/t1", "setpoint", "22")]
-            manager._views.clear()  # the device leaves the node
-            updated = await app.expect_json("$hw/events/node/gw-1/membership/updated")
-            if updated["added_devices"]:  # the first one announced the device
+async def test_serve_the_devices_in_the_store(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    with Store(tmp_path / "store.db") as store:
+        aio = AsyncStore(store)
+        devices = Devices(aio)
+        bus = EventBus(mosquitto.url, node="gw-1")
+        with TestClient(mosquitto) as app:
+            await app.subscribe("$hw/events/#")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bus.serve, aio, devices.set_desired)
+                with trio.fail_after(5):
+                    await bus.link.wait_connected()
+                await devices.report("20")
+                update = await app.expect_json(f"{DEV}/twin/update")
+                assert update["twin"]["setpoint"]["actual"]["value"] == "20"
+                app.publish(
+                    f"{DEV}/twin/update",
+                    {"event_id": "u", "twin": {"setpoint": {"expected": {"value": "22"}}}},
+                )
+                assert "code" not in await app.expect_json(f"{DEV}/twin/update/result")
+                await eventually(lambda: devices.desired, "desired value passed on", within=5)
+                assert devices.desired == [("plant/Device/t1", "setpoint", "22")]
+                await devices.remove()  # the device leaves the node
                 updated = await app.expect_json("$hw/events/node/gw-1/membership/updated")
-            assert [d["id"] for d in updated["removed_devices"]] == ["plant/t1"]
-            nursery.cancel_scope.cancel()
-    assert manager.listeners == []
+                if updated["added_devices"]:  # the first one announced the device
+                    updated = await app.expect_json("$hw/events/node/gw-1/membership/updated")
+                assert [d["id"] for d in updated["removed_devices"]] == ["plant/t1"]
+                nursery.cancel_scope.cancel()
+        assert aio.feed._subscriptions == []  # the bus stopped following the store

@@ -41,9 +41,7 @@ async def manager(world: PodWorld) -> AsyncIterator[PodManager]:
         # Pods are stopped for real at the end, so nothing outlives the test.
         world.pods.clear()
         manager.changed()
-        with trio.fail_after(60):
-            while manager.supervisors:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+        await eventually(lambda: not manager.supervisors, "every pod has stopped", within=60)
         nursery.cancel_scope.cancel()
     mounts = await trio.Path("/proc/mounts").read_text()
     leftovers = [line for line in mounts.splitlines() if str(world.data_dir) in line]
@@ -181,9 +179,7 @@ async def test_crash_loop_backoff_doubles_between_restarts(
         return count >= 4
 
     manager.changed()
-    with trio.fail_after(30):
-        while not restarted():  # noqa: ASYNC110
-            await trio.sleep(0.02)
+    await eventually(restarted, "the container has restarted 4 times", within=30, interval=0.02)
     waiting = world.container(manifest, "app")["state"].get("waiting", {})
     gaps = [b - a for a, b in pairwise(starts)]
     # Base 1 s in this test (10 s in production): at once, then 1 s, then 2 s; each gap also
@@ -212,7 +208,7 @@ async def test_graceful_stop_waits_for_sigterm_and_kills_at_the_grace_period(
                 "command": [
                     "sh",
                     "-c",
-                    "trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done",
+                    "trap 'echo bye; exit 0' TERM; echo trapped; while true; do sleep 0.1; done",
                 ],
             },
             hostNetwork=True,
@@ -225,7 +221,11 @@ async def test_graceful_stop_waits_for_sigterm_and_kills_at_the_grace_period(
             {
                 "name": "app",
                 "image": image,
-                "command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"],
+                "command": [
+                    "sh",
+                    "-c",
+                    "trap '' TERM; echo trapped; while true; do sleep 0.1; done",
+                ],
                 "lifecycle": {
                     "preStop": {"exec": {"command": ["sh", "-c", "echo prestop > /tmp/p"]}}
                 },
@@ -237,7 +237,10 @@ async def test_graceful_stop_waits_for_sigterm_and_kills_at_the_grace_period(
     manager.changed()
     for manifest in (polite, stubborn):
         await eventually(lambda m=manifest: world.status(m).get("phase") == "Running", "running")
-    await trio.sleep(0.5)  # let the shells install their traps
+    for manifest in (polite, stubborn):
+        await eventually(
+            lambda m=manifest: "trapped" in read_log(world, m, "app"), "the shell traps SIGTERM"
+        )
 
     async def stop(name: str) -> float:
         supervisor = next(
@@ -351,18 +354,16 @@ async def test_logs_rotate_by_size_and_read_back_whole(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager.run, 0.2)
-        path = None
-        with trio.fail_after(20):
-            while path is None or b"line 399" not in path.read_bytes():
-                await trio.sleep(0.1)
-                candidate = world.runtime.log_path(manifest, "app", 0)
-                path = candidate if candidate.exists() else None
+
+        def written() -> Path | None:
+            path = world.runtime.log_path(manifest, "app", 0)
+            return path if path.exists() and b"line 399" in path.read_bytes() else None
+
+        path = await eventually(written, "the last line is logged", within=20, interval=0.1)
         files = logs.log_files(path)
         world.pods.clear()
         manager.changed()
-        with trio.fail_after(30):
-            while manager.supervisors:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+        await eventually(lambda: not manager.supervisors, "the pod has stopped", within=30)
         nursery.cancel_scope.cancel()
     assert [f.name for f in files] == ["0.log.2", "0.log.1", "0.log"]
     assert all(f.stat().st_size <= 4096 for f in files)
@@ -457,9 +458,13 @@ async def exec_output(world: PodWorld, manager: PodManager, container: str, argv
 
 
 async def wait_output(world: PodWorld, manager: PodManager, argv: list[str], text: str) -> None:
-    with trio.fail_after(10):
-        while await exec_output(world, manager, "app", argv) != text:  # noqa: ASYNC110
-            await trio.sleep(0.1)
+
+    async def shown() -> bool:
+        return await exec_output(world, manager, "app", argv) == text
+
+    await eventually(
+        shown, f"{' '.join(argv)} in the container prints {text!r}", within=10, interval=0.1
+    )
 
 
 async def test_configmap_changes_reach_the_running_pods_volume(

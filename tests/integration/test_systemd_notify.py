@@ -41,19 +41,22 @@ class Systemd:
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.path = path
         self.messages: list[tuple[float, str]] = []
+        self._arrived = trio.Event()
 
     async def serve(self) -> None:
         await self.sock.bind(str(self.path))
         while True:
             data = await self.sock.recv(4096)
             self.messages.append((time.monotonic(), data.decode()))
+            self._arrived.set()
+            self._arrived = trio.Event()
 
     def times(self, message: str) -> list[float]:
         return [t for t, m in self.messages if message in m.split("\n")]
 
     async def wait_for(self, message: str) -> float:
-        while not self.times(message):  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        while not self.times(message):
+            await self._arrived.wait()
         return self.times(message)[0]
 
 
@@ -172,13 +175,21 @@ spec:
             process, log = await start("cleanup.log")
             # Gone means torn down too (mounts, network), not only out of runc's list.
             pods = tmp_path / "data" / "pods"
-            with trio.move_on_after(60):
-                while runc_containers(runc_root) or (pods.exists() and any(pods.iterdir())):  # noqa: ASYNC110
-                    await trio.sleep(0.2)
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-            nursery.cancel_scope.cancel()
+
+            def torn_down() -> bool:
+                return not runc_containers(runc_root) and not (
+                    pods.exists() and any(pods.iterdir())
+                )
+
+            try:
+                await eventually(
+                    torn_down, "the new agent has torn the pod down", within=60, interval=0.2
+                )
+            finally:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                nursery.cancel_scope.cancel()
     assert pod_statuses(tmp_path / "data") == {}  # a removed pod leaves `outpost status`

@@ -1,0 +1,133 @@
+"""The standalone manifest folder: one reader, one uid rule, and a writer into the store."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from edge.manifests import ManifestWriter, desired_objects, manifest_uid, read_folder
+from edge.store import Store
+from edge.store.aio import AsyncStore
+from edge.wire.events import Message, Op
+
+
+def model() -> dict[str, Any]:
+    return {
+        "kind": "DeviceModel",
+        "metadata": {"name": "thermostat", "namespace": "plant"},
+        "spec": {"properties": [{"name": "t", "type": "int"}]},
+    }
+
+
+def device(name: str, node: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"deviceModelRef": {"name": "thermostat"}, "properties": []}
+    if node is not None:
+        spec["nodeName"] = node
+    return {"kind": "Device", "metadata": {"name": name, "namespace": "plant"}, "spec": spec}
+
+
+def pod(name: str, image: str = "app:1") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "main", "image": image}]},
+    }
+
+
+def write(folder: Path, name: str, *documents: dict[str, Any]) -> None:
+    (folder / name).write_text(yaml.safe_dump_all(documents))
+
+
+def test_the_reader_skips_what_it_cannot_read(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", pod("p"))
+    (tmp_path / "broken.yaml").write_text("kind: [\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "notes.txt").write_text("kind: Pod\n")
+    (tmp_path / "b.json").write_text('{"kind": "ConfigMap", "metadata": {"name": "c"}}')
+    (tmp_path / "sub.yaml").mkdir()
+    assert [d["kind"] for d in read_folder(tmp_path)] == ["Pod", "ConfigMap"]
+
+
+def test_devices_for_this_node_and_models_become_objects_with_a_stable_uid(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "devices.yaml", model(), device("t1"), device("t9", node="elsewhere"))
+    objects = desired_objects(read_folder(tmp_path), "gw")
+    assert sorted(objects) == ["plant/Device/t1", "plant/DeviceModel/thermostat"]
+    _, body = objects["plant/Device/t1"]
+    uid = body["metadata"]["uid"]
+    assert uid == str(uuid.uuid5(uuid.NAMESPACE_URL, "gw/plant/t1"))
+    assert body["spec"]["nodeName"] == "gw"
+    edited = device("t1")
+    edited["spec"]["properties"] = [{"name": "t", "collectCycle": 5_000_000_000}]
+    write(tmp_path, "devices.yaml", model(), edited)
+    again = desired_objects(read_folder(tmp_path), "gw")
+    assert again["plant/Device/t1"][1]["metadata"]["uid"] == uid  # kept across edits
+    assert again["plant/Device/t1"][0] != objects["plant/Device/t1"][0]  # a new rv
+
+
+def test_a_pod_uid_follows_kubelets_static_pod_rule(tmp_path: Path) -> None:
+    write(tmp_path, "p.yaml", pod("p"))
+    first = desired_objects(read_folder(tmp_path), "gw")["default/Pod/p"][1]
+    assert desired_objects(read_folder(tmp_path), "gw")["default/Pod/p"][1] == first
+    write(tmp_path, "p.yaml", pod("p", image="app:2"))
+    edited = desired_objects(read_folder(tmp_path), "gw")["default/Pod/p"][1]
+    assert edited["metadata"]["uid"] != first["metadata"]["uid"]  # an edit replaces the pod
+    assert first["spec"]["nodeName"] == "gw"
+    # The rule as it was before the folder wrote into the store: upgrades keep the uid.
+    as_read = pod("p")
+    as_read["metadata"]["namespace"] = "default"
+    assert first["metadata"]["uid"] == manifest_uid("gw", copy.deepcopy(as_read))
+    assert manifest_uid("other", as_read) != first["metadata"]["uid"]
+
+
+def test_other_kinds_and_unnamed_objects_are_skipped(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "x.yaml",
+        {"kind": "Deployment", "metadata": {"name": "d"}},
+        {"kind": "ConfigMap", "metadata": {}},
+        {"kind": "Secret", "metadata": {"name": "a/b"}},
+        {"kind": "Pod", "metadata": {"name": "bad"}, "spec": ["not", "a", "mapping"]},
+        {"kind": "Secret", "metadata": {"name": "s", "namespace": "plant"}},
+    )
+    assert list(desired_objects(read_folder(tmp_path), "gw")) == ["plant/Secret/s"]
+
+
+async def test_the_writer_makes_the_store_hold_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    write(folder, "a.yaml", pod("p"), {"kind": "ConfigMap", "metadata": {"name": "c"}})
+    with Store(tmp_path / "store.db") as store:
+        # A store that had followed a cloud: what it held goes, and so does its mark.
+        store.apply_batch([Message(1, "m", Op.PUT, "ns/Pod/from-cloud", "9", {"x": 1})])
+        aio = AsyncStore(store)
+        writer = ManifestWriter(folder, "gw", aio, rescan_s=0.05)
+        with aio.feed.subscribe() as feed:
+            await feed.next()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                assert [k for k, _, _ in store.list("Pod")] == ["default/Pod/p"]
+                assert [k for k, _, _ in store.list("ConfigMap")] == ["default/ConfigMap/c"]
+                assert store.hwm == 0
+                changes = await feed.next()
+                assert changes.objects == {
+                    "default/Pod/p",
+                    "default/ConfigMap/c",
+                    "ns/Pod/from-cloud",
+                }
+                commits = store.commits
+                await trio.sleep(0.3)  # several rescans of an unchanged folder
+                assert store.commits == commits  # nothing written again: flash wear
+                (folder / "a.yaml").unlink()
+                write(folder, "b.yaml", pod("q"))
+                changes = await feed.next()
+                assert changes.objects == {"default/Pod/p", "default/ConfigMap/c", "default/Pod/q"}
+                assert [k for k, _, _ in store.list("Pod")] == ["default/Pod/q"]
+                nursery.cancel_scope.cancel()
