@@ -12,7 +12,8 @@ nothing is lost.
 Exits: the agent is a child subreaper, so a container's init, once ``runc create`` has exited,
 becomes its child and its exit status can be collected. A container adopted after an agent
 restart is not the new agent's child: its exit is still seen (a pidfd becomes readable), but
-its exit code is unknown.
+its exit code is unknown. ``Exit`` makes the end one event that any number of tasks wait for
+(the container's supervisor, a graceful stop).
 """
 
 from __future__ import annotations
@@ -97,35 +98,50 @@ def stop_holder(holder_pid: int) -> None:
         os.waitpid(holder_pid, 0)
 
 
-class Exited:
-    """Waits for a process to end; collects its exit code when it is our child."""
+class Exit:
+    """A process's end, which any number of tasks may wait for.
+
+    One task runs ``watch``: it waits for the process's pidfd to become readable and collects
+    the exit status. Every other task awaits ``wait``, which returns once ``watch`` has, so
+    that nothing polls the process. ``ProcessLookupError`` if the process is gone already.
+    """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._fd: int | None = os.pidfd_open(pid)
+        self._fd = os.pidfd_open(pid)
+        self._code: int | None = None
+        self._ended = trio.Event()
+
+    async def watch(self) -> None:
+        """Wait for the process to end, collect its status and wake every ``wait``.
+
+        Cancelled, it stops watching and the process is not waited for: the agent is stopping,
+        and the next one watches it again after adopting it.
+        """
+        try:
+            await trio.lowlevel.wait_readable(self._fd)
+            # The pidfd is readable: the process has ended, so this does not block.
+            self._code = _exit_code(self._fd)
+        finally:
+            os.close(self._fd)
+        self._ended.set()
 
     async def wait(self) -> int | None:
         """The exit code (128+signal when killed), or None when it is not ours to know."""
-        assert self._fd is not None
-        await trio.lowlevel.wait_readable(self._fd)
-        try:
-            # The pidfd is readable: the process has ended, so this does not block.
-            result = os.waitid(os.P_PIDFD, self._fd, os.WEXITED)  # noqa: ASYNC222
-        except ChildProcessError:
-            return None
-        finally:
-            os.close(self._fd)
-            self._fd = None
-        if result is None:
-            return None
-        if result.si_code == os.CLD_EXITED:
-            return result.si_status
-        return 128 + result.si_status
+        await self._ended.wait()
+        return self._code
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+
+def _exit_code(pidfd: int) -> int | None:
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    except ChildProcessError:
+        return None
+    if result is None:
+        return None
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return 128 + result.si_status
 
 
 def alive(pid: int) -> bool:

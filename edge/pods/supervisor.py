@@ -99,7 +99,7 @@ class Running:
     holder_fds: tuple[int, int]
     attempt: int
     started_monotonic: float
-    exited: process.Exited
+    exit: process.Exit
     bundle: Path
 
 
@@ -122,16 +122,20 @@ class PodSupervisor:
         self.dir = services.data_dir / "pods" / self.uid
         self._state: dict[str, Any] = {"containers": {}}
         self._report_due = trio.Event()
-        self._report_anyway = False
+        # The last status reported; None to report the next one whatever it is.
+        self._reported: dict[str, Any] | None = None
         self._refresh_due = trio.Event()
-        # Per container: set to retry a failed start now rather than after its backoff.
-        self._retry_now: dict[str, trio.Event] = {}
         self._events_in, self._events_out = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
-        self._stopping = False
-        self._stop_requested = trio.Event()
+        # Set once by ``stop``: from then on no container starts again.
+        self._stopping = trio.Event()
+        # The pauses before a restart or a retried start, each a scope that ``stop`` cancels;
+        # True for those a change of the objects the pod uses cancels too.
+        self._pauses: dict[trio.CancelScope, bool] = {}
+        self._refreshing = trio.CancelScope()
         self._cancel = trio.CancelScope()
         self._ended: dict[str, trio.Event] = {}
-        self._pumps: trio.Nursery | None = None
+        # Where the supervisor's own tasks run: reports, events, log pumps, exit watchers.
+        self._nursery: trio.Nursery | None = None
         self.done = trio.Event()
 
     # -- state kept across agent restarts -------------------------------------------------------
@@ -145,26 +149,26 @@ class PodSupervisor:
     def report_again(self) -> None:
         """Report the status even if unchanged (the cloud may have lost track of it: the node
         was away and the node lifecycle controller marked the pod not ready)."""
-        self._report_anyway = True
+        self._reported = None
         self._report_due.set()
 
     def objects_changed(self) -> None:
         """A ConfigMap, Secret or token the pod uses changed: rewrite its volumes, and retry a
         container start that failed for want of one without waiting out its backoff."""
         self._refresh_due.set()
-        for retry in self._retry_now.values():
-            retry.set()
+        for pause, on_change in self._pauses.items():
+            if on_change:
+                pause.cancel()
 
     async def _reporter(self) -> None:
-        last: dict[str, Any] | None = None
         while True:
             await self._report_due.wait()
             self._report_due = trio.Event()
             status = pod_status(self.rt)
-            if status != last or self._report_anyway:
-                self._report_anyway = False
+            if status != self._reported:
+                # Before the report: a report_again meanwhile must not be forgotten.
+                self._reported = status
                 await self.s.report(self.key, {"uid": self.uid, "status": status})
-                last = status
             # Coalesce bursts (a probe flip right after a start): at most 5 reports a second.
             await trio.sleep(0.2)
 
@@ -207,20 +211,25 @@ class PodSupervisor:
     # -- volumes --------------------------------------------------------------------------------
 
     async def _refresher(self) -> None:
-        while True:
-            with trio.move_on_after(self.s.volume_resync_s):
-                await self._refresh_due.wait()
-            self._refresh_due = trio.Event()
-            # Before a first start there is nothing to refresh: the start writes the volumes.
-            if not self.running or self._stopping:
-                continue
-            try:
-                await self.s.runtime.refresh_volumes(self.pod, self.sandbox)
-            except (VolumeError, ContainerConfigError) as exc:
-                log.warning(
-                    "cannot refresh volumes, keeping their files",
-                    extra={"pod": self.key, "error": str(exc)},
-                )
+        """Rewrite the volumes when their objects change and every ``volume_resync_s``, until
+        the pod stops (``stop`` cancels ``_refreshing``)."""
+        with self._refreshing:
+            while True:
+                with trio.move_on_after(self.s.volume_resync_s):
+                    await self._refresh_due.wait()
+                self._refresh_due = trio.Event()
+                # Before a first start there is nothing to refresh: the start writes the volumes.
+                if self.running:
+                    await self._refresh()
+
+    async def _refresh(self) -> None:
+        try:
+            await self.s.runtime.refresh_volumes(self.pod, self.sandbox)
+        except (VolumeError, ContainerConfigError) as exc:
+            log.warning(
+                "cannot refresh volumes, keeping their files",
+                extra={"pod": self.key, "error": str(exc)},
+            )
 
     # -- running --------------------------------------------------------------------------------
 
@@ -229,7 +238,7 @@ class PodSupervisor:
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
-                    self._pumps = nursery
+                    self._nursery = nursery
                     nursery.start_soon(self._reporter)
                     nursery.start_soon(self._eventer)
                     nursery.start_soon(self._refresher)
@@ -278,7 +287,7 @@ class PodSupervisor:
                 continue
             pipes = process.reopen_pipes(record["holder_pid"], tuple(record["holder_fds"]))
             try:
-                exited = process.Exited(state.pid)
+                exit_ = process.Exit(state.pid)
             except ProcessLookupError:
                 continue
             running = Running(
@@ -288,9 +297,10 @@ class PodSupervisor:
                 tuple(record["holder_fds"]),
                 record["attempt"],
                 trio.current_time() - (time.time() - record.get("started_wall", time.time())),
-                exited,
+                exit_,
                 Path(state.bundle),
             )
+            self._watch(running)
             self.running[container["name"]] = running
             status.running(record["id"], record.get("started_at", now_rfc3339()))
             status.started = True
@@ -322,14 +332,14 @@ class PodSupervisor:
                     )
                     self._changed()
                     self._back_off_event(container["name"], status)
-                    await self._retry_pause(container["name"], delay)
+                    await self._pause(delay, until_objects_change=True)
 
     async def _run_once(self, container: dict[str, Any], status: ContainerStatus) -> int | None:
         """Start one container, wait for it to end; its exit code (None if unknown)."""
         running = await self._start(container, status)
         if running is None:
             return 1
-        code = await running.exited.wait()
+        code = await running.exit.wait()
         await self._finish(container, status, running, code)
         return code
 
@@ -342,23 +352,24 @@ class PodSupervisor:
     async def _supervise_loop(self, container: dict[str, Any], status: ContainerStatus) -> None:
         backoff = CrashLoop(self.s.crash_base_s, self.s.crash_cap_s)
         name = container["name"]
-        while not self._stopping:
+        while not self._stopping.is_set():
             running = self.running.get(name) or await self._start(container, status)
             if running is None:
                 # Could not start (image, config): retry with the same backoff.
                 if status.reason in _PULL_FAILURES:
                     self._back_off_event(name, status)
-                await self._retry_pause(name, backoff.next_delay(0) or self.s.crash_base_s)
+                delay = backoff.next_delay(0) or self.s.crash_base_s
+                await self._pause(delay, until_objects_change=True)
                 continue
             ran_from = running.started_monotonic
             async with trio.open_nursery() as watchers:
                 watchers.start_soon(self._probe_all, container, status, running)
-                code = await running.exited.wait()
+                code = await running.exit.wait()
                 watchers.cancel_scope.cancel()
             # The clean-up must finish even when the agent is stopping meanwhile.
             with trio.CancelScope(shield=True):
                 await self._finish(container, status, running, code)
-            if self._stopping or not should_restart(self.rt.restart_policy, code):
+            if self._stopping.is_set() or not should_restart(self.rt.restart_policy, code):
                 self._changed()
                 return
             delay = backoff.next_delay(trio.current_time() - ran_from)
@@ -387,19 +398,18 @@ class PodSupervisor:
                 warning=True,
             )
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep that a stop cuts short."""
-        with trio.move_on_after(seconds):
-            await self._stop_requested.wait()
-
-    async def _retry_pause(self, name: str, seconds: float) -> None:
-        """Sleep before retrying a start that failed, cut short by a stop or by a change of the
-        objects the pod uses (the ConfigMap it waited for has arrived)."""
-        retry = self._retry_now[name] = trio.Event()
-        if self._stopping:
+    async def _pause(self, seconds: float, *, until_objects_change: bool = False) -> None:
+        """Sleep before a restart, cut short by a stop; with ``until_objects_change`` (before
+        retrying a start that failed) also by a change of the objects the pod uses: the
+        ConfigMap it waited for may have arrived."""
+        if self._stopping.is_set():
             return
-        with trio.move_on_after(seconds):
-            await retry.wait()
+        with trio.CancelScope() as pause:
+            self._pauses[pause] = until_objects_change
+            try:
+                await trio.sleep(seconds)
+            finally:
+                del self._pauses[pause]
 
     async def _probe_all(
         self, container: dict[str, Any], status: ContainerStatus, running: Running
@@ -531,7 +541,6 @@ class PodSupervisor:
                     os.close(fd)
         holder_pid = await process.hold(pipes, pid)
         holder_fds = (pipes.stdout_read, pipes.stderr_read)
-        exited = process.Exited(pid)
         running = Running(
             container_id,
             pid,
@@ -539,12 +548,14 @@ class PodSupervisor:
             holder_fds,
             attempt,
             trio.current_time(),
-            exited,
+            process.Exit(pid),
             prepared.bundle,
         )
+        self._watch(running)
         self._pump(running, container, (pipes.stdout_read, pipes.stderr_read))
         self._event("Created", f"Created container {name}", name)
-        if self._stopping:
+        # Created after stop looked for containers to stop: it must not run.
+        if self._stopping.is_set():
             await self._kill(running, signal.SIGKILL)
         await self.s.runc.start(container_id)
         self._event("Started", f"Started container {name}", name)
@@ -571,8 +582,12 @@ class PodSupervisor:
         log.info("container started", extra={"pod": self.key, "container": name, "pid": pid})
         return running
 
+    def _watch(self, running: Running) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(running.exit.watch)
+
     def _pump(self, running: Running, container: dict[str, Any], fds: tuple[int, int]) -> None:
-        assert self._pumps is not None
+        assert self._nursery is not None
         path = self.s.runtime.log_path(self.pod, container["name"], running.attempt)
         log_file = logs.LogFile(path, self.s.log_max_bytes, self.s.log_max_files)
 
@@ -584,7 +599,7 @@ class PodSupervisor:
             finally:
                 log_file.close()
 
-        self._pumps.start_soon(pump_both)
+        self._nursery.start_soon(pump_both)
 
     async def _finish(
         self,
@@ -611,10 +626,10 @@ class PodSupervisor:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop every container gracefully (preStop, SIGTERM, grace period, SIGKILL), then
         remove the sandbox and the pod's files. Its logs stay."""
-        self._stopping = True
-        self._stop_requested.set()
-        for retry in self._retry_now.values():
-            retry.set()
+        self._stopping.set()
+        self._refreshing.cancel()
+        for pause in self._pauses:
+            pause.cancel()
         spec = self.pod.get("spec", {})
         grace = (
             spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)
@@ -655,10 +670,8 @@ class PodSupervisor:
                     await trio.sleep(pre_stop["sleep"].get("seconds", 0))
         await self._kill(running, signal.SIGTERM)
         with trio.move_on_at(deadline) as waited:
-            while process.alive(running.pid):  # noqa: ASYNC110 - the exit is another task's event
-                await trio.sleep(0.05)
+            await running.exit.wait()
         if waited.cancelled_caught:
             await self._kill(running, signal.SIGKILL)
             with trio.move_on_after(5):
-                while process.alive(running.pid):  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+                await running.exit.wait()
