@@ -94,14 +94,14 @@ def desired_objects(documents: list[dict[str, Any]], node: str) -> dict[str, tup
         meta.setdefault("namespace", "default")
         name = meta.get("name")
         if not isinstance(name, str) or not name or "/" in name:
-            log.warning("an object without a usable name", extra={"kind": kind, "name": name})
+            log.warning("an object without a usable name", extra={"kind": kind, "object": name})
             continue
         if kind in _BOUND_KINDS:
             spec = document.get("spec")
             if spec is None:
                 spec = {}
             elif not isinstance(spec, dict):
-                log.warning("spec is not a mapping", extra={"kind": kind, "name": name})
+                log.warning("spec is not a mapping", extra={"kind": kind, "object": name})
                 continue
             if kind == DEVICE_KIND and spec.get("nodeName") not in (None, "", node):
                 continue  # a Device for another gateway; a Pod in this folder runs here

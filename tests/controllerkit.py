@@ -23,6 +23,7 @@ from cloud.mirror.controller import ControllerSettings, EdgeController
 from edge.hub.client import EdgeHub
 from edge.store import Store
 from edge.store.aio import AsyncStore
+from edge.store.feed import Changes
 from edge.wire.events import Op
 from tests.hubkit import Pki
 
@@ -50,8 +51,10 @@ class FakeAgent:
         return None if found is None else found[1]
 
     def report(self, op: Op, key: str, body: Any, coalesce_key: str | None = None) -> None:
+        # Written on the test's own connection, which the edge's change feed cannot see: the
+        # feed is told, as the agent's own writes tell it.
         self.reader.report(op, key, body, coalesce_key=coalesce_key)
-        self.edge.outbox_changed()
+        self.edge.store.feed.publish(Changes(outbox=True))
 
 
 async def start_controller(

@@ -15,10 +15,9 @@ from typing import Any
 import click
 
 from edge.cli_options import data_dir_option
+from edge.datadir import STORE_FILE
 from edge.devices.manager import load_views
 from edge.store import Store, StoreError
-
-STORE_FILE = "store.db"  # the agent's (edge.agent.STORE_FILE); not imported, to stay light
 
 
 def _views(data_dir: Path) -> list[dict[str, Any]]:

@@ -28,8 +28,9 @@ them as it does desired values from the cloud. ``actual`` values sent by apps ar
 the device drivers own reported values.
 
 Two layers, as elsewhere: ``TwinBook`` is the sans-IO core (membership, twins, what to publish for
-each event; tested without a broker), ``EventBus`` the trio shell around an ``MqttLink`` (MQTT 5
-with no-local subscriptions, so the bus does not hear its own ``twin/update`` messages).
+each event; tested without a broker), ``EventBus`` the trio shell around an
+``edge.mqtt.MqttClient`` (MQTT 5 with no-local subscriptions, so the bus does not hear its own
+``twin/update`` messages).
 
 While the broker is away nothing queues: on every (re)connect the bus publishes each device's
 current twin, delta and state once, so subscribers catch up with the latest values.
@@ -41,17 +42,23 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from edge.devices.drivers.mqtt import Message, MqttLink
+from edge.devices.manager import INDEX_KEY, VIEW_STATE_PREFIX, load_views
 from edge.devices.model import DeviceConfig
 from edge.devices.values import from_text
+from edge.mqtt import Message, MqttClient
+from edge.store.aio import AsyncStore
+from edge.store.feed import Changes
+from edge.wire.keys import split_key
 
 log = logging.getLogger("edge.devices.eventbus")
+
+SetDesired = Callable[[str, str, str | None], None]  # (device key, property, value)
 
 DEVICE_PREFIX = "$hw/events/device/"
 NODE_PREFIX = "$hw/events/node/"
@@ -589,7 +596,7 @@ class EventBus:
         self._desired_buffer = desired_buffer
         self.published = 0
         self.dropped = 0
-        self.link = MqttLink(
+        self.link = MqttClient(
             broker_url,
             client_id=client_id or f"outpost-eventbus-{node}-{uuid.uuid4().hex[:6]}",
             subscriptions=[
@@ -608,35 +615,42 @@ class EventBus:
         """Keep the bus on the broker until cancelled."""
         await self.link.run(task_status=task_status)
 
-    async def serve(self, manager: Any, *, sync_s: float = 1.0) -> None:
-        """Run the bus for a ``DeviceManager``: its device views are published (as one of its
-        ``listeners``), desired values from apps go to ``manager.set_desired``, and devices it
-        no longer has leave the membership (checked every ``sync_s``)."""
-        manager.listeners.append(self.on_view)
-        try:
+    async def serve(self, aio: AsyncStore, set_desired: SetDesired) -> None:
+        """Run the bus for the node's devices: it follows their views in the store (the device
+        manager saves one whenever a twin reports) and publishes them, devices that leave the
+        store's index leave the membership, and desired values from apps go to
+        ``set_desired(key, property, value)``."""
+        with aio.feed.subscribe() as feed:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.run)
-                nursery.start_soon(self._apply_desired, manager)
-                while True:
-                    views = list(manager.views().values())
-                    for view in views:
-                        self.on_view("", view)
-                    keys = [(str(v.get("namespace")), str(v.get("name"))) for v in views]
-                    self._send(self.book.keep_only(keys, now_ms()))
-                    await trio.sleep(sync_s)
-        finally:
-            manager.listeners.remove(self.on_view)
+                nursery.start_soon(self._apply_desired, set_desired)
+                async for changes in feed:
+                    await self._follow(aio, changes)
 
-    async def _apply_desired(self, manager: Any) -> None:
+    async def _follow(self, aio: AsyncStore, changes: Changes) -> None:
+        if changes.everything:
+            views = await aio.run(load_views, aio.store)
+        else:
+            keys = sorted(changes.states(VIEW_STATE_PREFIX))
+            found = [await aio.get_state(key) for key in keys]
+            views = [view for view in found if view is not None]
+        for view in views:
+            self.on_view(view)
+        if changes.state_changed(INDEX_KEY):
+            index = await aio.get_state(INDEX_KEY, []) or []
+            members = [split_key(key) for key in index]
+            self._send(self.book.keep_only([(ns, name) for ns, _, name in members], now_ms()))
+
+    async def _apply_desired(self, set_desired: SetDesired) -> None:
         async for update in self.desired_updates:
             key = f"{update.namespace}/Device/{update.name}"
             try:
-                manager.set_desired(key, update.property, update.value)
+                set_desired(key, update.property, update.value)
             except KeyError:  # the device left meanwhile
                 log.info("desired value for a device that left", extra={"device": key})
 
-    def on_view(self, key: str, view: dict[str, Any]) -> None:
-        """A ``DeviceManager`` listener: called with ``(key, view)`` when a device reports."""
+    def on_view(self, view: dict[str, Any]) -> None:
+        """Publish what changed in a device's view (``DeviceTwin.view``)."""
         self._send(self.book.update_view(view, now_ms()))
 
     @property

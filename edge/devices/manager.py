@@ -1,10 +1,11 @@
 """Runs the node's devices: one task per Device, driven by its ``DeviceTwin``.
 
 The Devices (and the DeviceModels they name) come from a ``DeviceSource``: the store, where the
-cloud's ``ns/Device/name`` and ``ns/DeviceModel/name`` objects are (``store_devices``), or a
-folder of manifests in standalone mode (``ManifestDevices``). ``changed(keys)`` (the agent's
-on-applied hook) makes the manager read them again at once; it also does so every
-``resync_s``.
+hub (joined) or the manifest folder (standalone) wrote the ``ns/Device/name`` and
+``ns/DeviceModel/name`` objects (``store_devices``). The manager follows the store's change feed:
+a changed Device or DeviceModel makes it read them again at once, and the link coming back
+online makes every device report its twin again. It also reads them every ``resync_s``, a safety
+net for what the feed cannot see (a store changed by another process).
 
 What callers may rely on:
 
@@ -21,8 +22,8 @@ What callers may rely on:
   and the list of those keys in ``devices``: ``outpost device ls|get`` reads them, whether or
   not the agent runs. Views are saved when the twin reports, and otherwise at most every
   ``VIEW_SAVE_S`` (each save is a flash write).
-- ``listeners`` are called with ``(key, view)`` whenever a device's twin reports (the eventbus
-  publishes from them); ``set_desired`` sets a desired value locally.
+- Each view is saved whenever the device's twin reports: the eventbus follows those saves on
+  the feed. ``set_desired`` sets a desired value locally.
 """
 
 from __future__ import annotations
@@ -30,41 +31,40 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
-import yaml
 
 from edge.devices import values
 from edge.devices.drivers import Buses, Driver, DriverError, open_driver
 from edge.devices.model import DeviceConfig, DeviceConfigError, device_model_name, parse_device
 from edge.devices.twin import UNKNOWN, DeviceTwin, Read, Report, Write
+from edge.hub.link import LINK_STATE_KEY, LinkWatch
 from edge.store.aio import AsyncStore
 from edge.store.store import StoreError
 from edge.wire.events import Op
-from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND, split_key
+from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND
 
 log = logging.getLogger("edge.devices")
 
 DEVICE_KINDS = (DEVICE_KIND, DEVICE_MODEL_KIND)
 INDEX_KEY = "devices"
+VIEW_STATE_PREFIX = "device/"
 VIEW_SAVE_S = 10.0
-DEFAULT_RESYNC_S = 30.0
+DEFAULT_RESYNC_S = 300.0
 
 ReportFn = Callable[[Op, str, dict[str, Any], str | None], Awaitable[None]]
 # (devices by key "ns/Device/name", models by key "ns/DeviceModel/name")
 DeviceSource = Callable[[], Awaitable[tuple[dict[str, Any], dict[str, Any]]]]
 OpenDriver = Callable[[DeviceConfig, Buses], Awaitable[Driver]]
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 def state_key(key: str) -> str:
     """The store state key of a device's view: ``device/<ns>/<name>`` for ``ns/Device/name``."""
     namespace, _, name = key.partition("/Device/")
-    return f"device/{namespace}/{name}"
+    return f"{VIEW_STATE_PREFIX}{namespace}/{name}"
 
 
 def model_key(device_key: str, body: dict[str, Any]) -> str:
@@ -88,51 +88,6 @@ def store_devices(aio: AsyncStore, node: str) -> DeviceSource:
         return await aio.run(read)
 
     return source
-
-
-class ManifestDevices:
-    """Devices and DeviceModels from a folder of YAML or JSON manifests (standalone mode).
-
-    A Device without a uid gets one derived from the node, its namespace and name, so that its
-    identity survives edits and restarts. Files that cannot be read are logged and skipped.
-    """
-
-    def __init__(self, folder: Path, node: str) -> None:
-        self.folder = folder
-        self.node = node
-
-    def _read(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        devices: dict[str, Any] = {}
-        models: dict[str, Any] = {}
-        for path in sorted(self.folder.glob("*")):
-            if path.suffix not in (".yaml", ".yml", ".json") or not path.is_file():
-                continue
-            try:
-                documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
-            except (OSError, yaml.YAMLError) as exc:
-                log.warning("cannot read manifest", extra={"file": str(path), "error": str(exc)})
-                continue
-            for document in documents:
-                if not isinstance(document, dict) or document.get("kind") not in DEVICE_KINDS:
-                    continue
-                meta = document.setdefault("metadata", {})
-                namespace = meta.setdefault("namespace", "default")
-                name = meta.get("name") or ""
-                key = f"{namespace}/{document['kind']}/{name}"
-                if document["kind"] == "DeviceModel":
-                    models[key] = document
-                    continue
-                node = (document.get("spec") or {}).get("nodeName")
-                if node not in (None, "", self.node):
-                    continue
-                meta.setdefault(
-                    "uid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.node}/{namespace}/{name}"))
-                )
-                devices[key] = document
-        return devices, models
-
-    async def __call__(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return await trio.to_thread.run_sync(self._read)
 
 
 @dataclass
@@ -274,8 +229,6 @@ class _Runner:
             if twin_reported or view != self._saved:
                 self._saved, self._saved_at = view, now
                 await self.m._save_view(self.config.key, view)
-                if twin_reported:
-                    self.m._notify(self.config.key, view)
 
 
 class DeviceManager:
@@ -301,19 +254,12 @@ class DeviceManager:
         self.resync_s = resync_s
         self.runners: dict[str, _Runner] = {}
         self.failed: dict[str, _Failed] = {}
-        self.listeners: list[Listener] = []
         self.ready = trio.Event()  # set after the first reconcile
         self._wake = trio.Event()
         self._index: list[str] | None = None
         self._nursery: trio.Nursery | None = None
 
     # -- what others call --------------------------------------------------------------------
-
-    def changed(self, keys: Iterable[str] | None = None) -> None:
-        """Store keys that changed (None: anything may have): Devices and DeviceModels among
-        them make the manager read its source again."""
-        if keys is None or any(split_key(key)[1] in DEVICE_KINDS for key in keys):
-            self._wake.set()
 
     def report_again(self) -> None:
         """Every device reports its twin again (the link is back; the cloud may have lost it)."""
@@ -341,6 +287,7 @@ class DeviceManager:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._follow)
             try:
                 while True:
                     self._wake = trio.Event()
@@ -350,6 +297,22 @@ class DeviceManager:
                         await self._wake.wait()
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _follow(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        link = LinkWatch()
+        with self.store.feed.subscribe() as feed:
+            task_status.started()
+            async for changes in feed:
+                if changes.touches(*DEVICE_KINDS):
+                    self._wake.set()
+                if changes.state_changed(LINK_STATE_KEY) and link.update(
+                    await self.store.get_state(LINK_STATE_KEY)
+                ):
+                    # The outbox kept the latest twin of each while the link was down; this is
+                    # a cheap guard against a cloud that lost them.
+                    self.report_again()
 
     async def reconcile(self) -> None:
         assert self._nursery is not None, "reconcile runs inside run()"
@@ -428,11 +391,9 @@ class DeviceManager:
         self.failed[key] = failed
         await self._report(Report(Op.TWIN, key, failed.body()))
         failed.reported = True
-        view = failed.view()
-        await self._save_view(key, view)
-        self._notify(key, view)
+        await self._save_view(key, failed.view())
 
-    # -- reports, views, listeners -----------------------------------------------------------
+    # -- reports and views -------------------------------------------------------------------
 
     async def _report(self, report: Report) -> None:
         coalesce = None if report.op == Op.TWIN else f"{report.op}:{uuid.uuid4().hex}"
@@ -459,13 +420,6 @@ class DeviceManager:
             log.warning("cannot save device index", extra={"error": str(exc)})
             return
         self._index = keys
-
-    def _notify(self, key: str, view: dict[str, Any]) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(key, view)
-            except Exception:
-                log.exception("device listener failed", extra={"device": key})
 
 
 def load_views(store: Any) -> list[dict[str, Any]]:

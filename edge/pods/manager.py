@@ -1,8 +1,13 @@
 """Keeps the pods that run equal to the pods that should: one supervisor per desired pod.
 
-The desired pods come from a ``source``: the store (what the cloud sent) or, in standalone mode,
-a folder of manifests. After an agent restart the same supervisors start again and adopt the
-containers that kept running; runc containers of pods no longer desired are removed.
+The desired pods are read from a ``source``: the store, where the hub (joined) or the manifest
+folder (standalone) wrote them (``store_pods``). The manager follows the store's change feed: a
+changed Pod makes it reconcile, a changed ConfigMap, Secret or token reaches the pods that use
+it, and the link coming back online makes every pod report again. A full reconcile also runs
+every ``RESYNC_S`` as a safety net for what the feed cannot see (a store restored or edited by
+another process). After an agent restart the same supervisors start again and adopt the
+containers that kept running; runc containers of pods no longer desired are removed. Every
+``IMAGE_GC_S`` the images no pod here uses are collected, least recently used first.
 
 A pod whose ``metadata.deletionTimestamp`` is set, or that disappears from the source, is
 stopped gracefully, within ``metadata.deletionGracePeriodSeconds`` when the deletion set one.
@@ -19,25 +24,72 @@ from typing import Any
 
 import trio
 
+from edge.hub.link import LINK_STATE_KEY, LinkWatch
 from edge.pods import process
 from edge.pods.cni import CniError
 from edge.pods.network import PodNetworkError
 from edge.pods.resolver import referenced_objects
 from edge.pods.runc import RuncError
+from edge.pods.runtime import Objects
 from edge.pods.status import SUMMARY_STATE, ContainerStatus, PodRuntime, pod_status
+from edge.pods.status import summary as pod_status_summary
 from edge.pods.supervisor import ANNOTATION_POD, PodSupervisor, Services, container_hash
 from edge.pods.volumes import VolumeError
+from edge.store.aio import AsyncStore
+from edge.store.feed import Changes
+from edge.upstream import Upstream
 from edge.wire.keys import TOKEN_KIND, pod_key
 
 log = logging.getLogger("edge.pods")
 
 Source = Callable[[], Awaitable[dict[str, dict[str, Any]]]]  # uid -> pod
+OBJECT_KINDS = ("ConfigMap", "Secret", TOKEN_KIND)
+RESYNC_S = 300.0
+IMAGE_GC_S = 600.0
+
+
+def store_pods(aio: AsyncStore, node: str) -> Source:
+    """Pods in the store bound to ``node`` (or to no node), by uid."""
+
+    async def source() -> dict[str, dict[str, Any]]:
+        rows = await aio.run(aio.store.list, "Pod")
+        pods = {}
+        for _, _, pod in rows:
+            if pod.get("spec", {}).get("nodeName") in (None, "", node):
+                pods[pod["metadata"]["uid"]] = pod
+        return pods
+
+    return source
+
+
+def store_objects(aio: AsyncStore) -> Objects:
+    """ConfigMaps and Secrets from the store, for volumes and env."""
+
+    async def objects(kind: str, namespace: str) -> dict[str, dict[str, Any]]:
+        rows = await aio.run(aio.store.list, kind)
+        prefix = f"{namespace}/{kind}/"
+        return {key[len(prefix) :]: body for key, _, body in rows if key.startswith(prefix)}
+
+    return objects
+
+
+async def report_status(upstream: Upstream, key: str, body: dict[str, Any]) -> None:
+    """A pod's status report, and its summary for ``outpost status`` (gone once it stopped)."""
+    summary = None if body.get("stopped") else pod_status_summary(key, body)
+    await upstream.status(key, body, SUMMARY_STATE + body["uid"], summary)
 
 
 class PodManager:
-    def __init__(self, services: Services, source: Source) -> None:
+    """``follow`` is the store whose change feed the manager follows (see the module
+    docstring); without it, ``changed``, ``objects_changed`` and ``report_again`` are called
+    by whoever changes the source."""
+
+    def __init__(
+        self, services: Services, source: Source, follow: AsyncStore | None = None
+    ) -> None:
         self.s = services
         self.source = source
+        self.follow = follow
         self.supervisors: dict[str, PodSupervisor] = {}
         self.stopping: set[str] = set()
         # Deleted pods whose stop the cloud has been told of, so that it is told once.
@@ -61,7 +113,7 @@ class PodManager:
         for key in keys:
             namespace, _, rest = key.partition("/")
             kind, _, name = rest.partition("/")
-            if kind in ("ConfigMap", "Secret", TOKEN_KIND):
+            if kind in OBJECT_KINDS:
                 changed.add((namespace, kind, name))
         if not changed:
             return
@@ -71,18 +123,68 @@ class PodManager:
             if uses & changed:
                 supervisor.objects_changed()
 
-    async def run(self, resync_s: float = 5.0) -> None:
+    async def run(self, resync_s: float = RESYNC_S) -> None:
         process.become_subreaper()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._reap)
+            if self.follow is not None:
+                await nursery.start(self._follow, self.follow)
             await self._remove_orphans()
+            nursery.start_soon(self._collect_images)
             while True:
                 self._wake = trio.Event()
                 await self.reconcile()
                 self.adopted_ready.set()
                 with trio.move_on_after(resync_s):
                     await self._wake.wait()
+
+    async def _follow(
+        self, aio: AsyncStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        link = LinkWatch()
+        with aio.feed.subscribe() as feed:
+            task_status.started()
+            async for changes in feed:
+                self._act_on(changes)
+                if changes.state_changed(LINK_STATE_KEY) and link.update(
+                    await aio.get_state(LINK_STATE_KEY)
+                ):
+                    # The node lifecycle controller may have marked the pods not ready while
+                    # the node was away.
+                    self.report_again()
+
+    def _act_on(self, changes: Changes) -> None:
+        if changes.touches("Pod"):
+            self.changed()
+        if changes.everything:
+            for supervisor in list(self.supervisors.values()):
+                supervisor.objects_changed()
+        else:
+            self.objects_changed(changes.kinds(*OBJECT_KINDS))
+
+    async def _collect_images(self) -> None:
+        """Keep images within their disk budget: those no pod here uses go, least recent
+        first."""
+        while True:
+            await trio.sleep(IMAGE_GC_S)
+            in_use = {
+                c.get("image", "")
+                for supervisor in list(self.supervisors.values())
+                for c in (
+                    *supervisor.pod["spec"].get("initContainers", []),
+                    *supervisor.pod["spec"].get("containers", []),
+                )
+            }
+            result = await trio.to_thread.run_sync(self.s.runtime.images.gc, in_use)
+            if result.removed_images or result.removed_blobs:
+                log.info(
+                    "images collected",
+                    extra={
+                        "images": len(result.removed_images),
+                        "freed_bytes": result.freed_bytes,
+                    },
+                )
 
     async def _reap(self) -> None:
         while True:

@@ -8,7 +8,6 @@ upstream reports; ``schema`` the migrations.
 
 from edge.store.outbox import DROP_ORDER, ReportResult
 from edge.store.store import (
-    DEFAULT_OUTBOX_BUDGET,
     ApplyResult,
     InvalidMessageError,
     SchemaTooNewError,
@@ -18,7 +17,6 @@ from edge.store.store import (
 )
 
 __all__ = [
-    "DEFAULT_OUTBOX_BUDGET",
     "DROP_ORDER",
     "ApplyResult",
     "InvalidMessageError",

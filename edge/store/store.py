@@ -27,7 +27,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,12 +37,10 @@ import apsw
 
 from edge import defaults
 from edge.store import outbox
+from edge.store.feed import NOTHING, Changes
 from edge.store.outbox import ReportResult
 from edge.store.schema import LATEST, MIGRATIONS, pack, unpack
 from edge.wire.events import DOWNSTREAM_OPS, UPSTREAM_OPS, Message, Op
-
-DEFAULT_OUTBOX_BUDGET = defaults.OUTBOX_BUDGET
-"""Bytes the outbox may hold while the cloud is away (see ``edge.store.outbox``)."""
 
 # After a checkpoint SQLite truncates the WAL file to this size, so one large transaction does not
 # leave a large file behind for good.
@@ -113,7 +111,7 @@ class Store:
         self,
         path: str | os.PathLike[str],
         *,
-        outbox_budget: int = DEFAULT_OUTBOX_BUDGET,
+        outbox_budget: int = defaults.OUTBOX_BUDGET,
         busy_timeout_s: float = 5.0,
     ) -> None:
         if outbox_budget < 1:
@@ -122,6 +120,10 @@ class Store:
         self.outbox_budget = outbox_budget
         self.commits = 0
         self._depth = 0
+        # What each open transaction level changed, and what committed ones did since the last
+        # take_changes(): the change feed's input (edge.store.feed).
+        self._changing: list[Changes] = []
+        self._committed = NOTHING
         try:
             self._db = apsw.Connection(self.path)
         except apsw.Error as exc:
@@ -208,22 +210,29 @@ class Store:
         except apsw.Error as exc:
             raise self._failure(f"{what}: cannot start a transaction", exc) from exc
         self._depth = depth + 1
+        self._changing.append(NOTHING)
         try:
             yield
         except BaseException as exc:
             self._depth = depth
+            self._changing.pop()
             self._undo(savepoint)
             if isinstance(exc, apsw.Error):
                 raise self._failure(f"{what} failed", exc) from exc
             raise
         self._depth = depth
+        changes = self._changing.pop()
         try:
             self._db.execute("COMMIT" if depth == 0 else f"RELEASE {savepoint}")
         except apsw.Error as exc:
             self._undo(savepoint)
             raise self._failure(f"{what}: commit failed", exc) from exc
-        if depth == 0 and self._db.total_changes() != before:
-            self.commits += 1
+        if depth:
+            self._changing[-1] = self._changing[-1].merge(changes)
+        else:
+            self._committed = self._committed.merge(changes)
+            if self._db.total_changes() != before:
+                self.commits += 1
 
     def _failure(self, what: str, exc: apsw.Error) -> StoreError:
         hint = ""
@@ -242,6 +251,19 @@ class Store:
         else:
             self._db.execute(f"ROLLBACK TO {savepoint}")
             self._db.execute(f"RELEASE {savepoint}")
+
+    def _changed(self, changes: Changes) -> None:
+        """Record what the innermost open transaction changed; kept only if it commits."""
+        self._changing[-1] = self._changing[-1].merge(changes)
+
+    def take_changes(self) -> Changes:
+        """What the transactions committed since the last call changed (``edge.store.feed``).
+
+        Bounded like a feed subscription: past ``feed.DEFAULT_LIMIT`` keys it says
+        ``everything``, so a caller that never takes them (a benchmark, a CLI) holds little.
+        """
+        changes, self._committed = self._committed, NOTHING
+        return changes
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -347,24 +369,66 @@ class Store:
         """Apply one message; False when it changed nothing."""
         if message.op == Op.DELETE:
             self._db.execute("DELETE FROM objects WHERE key = ?", (message.key,))
-            return self._db.changes() > 0
+            if not self._db.changes():
+                return False
+            self._changed(Changes(objects=frozenset([message.key])))
+            return True
         if message.op == Op.SYNC:
-            self._db.execute(
-                "DELETE FROM objects WHERE key NOT IN (SELECT value FROM json_each(?))",
-                (json.dumps(message.body),),
-            )
-            return self._db.changes() > 0
+            gone = [
+                key
+                for (key,) in self._db.execute(
+                    "DELETE FROM objects WHERE key NOT IN (SELECT value FROM json_each(?))"
+                    " RETURNING key",
+                    (json.dumps(message.body),),
+                )
+            ]
+            self._changed(Changes(objects=frozenset(gone)))
+            return bool(gone)
         stored = self._db.execute("SELECT rv FROM objects WHERE key = ?", (message.key,)).fetchone()
         # An empty rv says nothing about the version, so it never counts as "already stored".
         if stored is not None and message.rv and stored[0] == message.rv:
             return False
+        self._put(message.key, kind, message.rv, body)
+        return True
+
+    def _put(self, key: str, kind: str, rv: str, body: bytes) -> None:
         self._db.execute(
             "INSERT INTO objects (key, kind, rv, body, updated_at) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (key) DO UPDATE"
             " SET rv = excluded.rv, body = excluded.body, updated_at = excluded.updated_at",
-            (message.key, kind, message.rv, body, time.time()),
+            (key, kind, rv, body, time.time()),
         )
-        return True
+        self._changed(Changes(objects=frozenset([key])))
+
+    def replace_objects(self, objects: Mapping[str, tuple[str, Any]]) -> tuple[str, ...]:
+        """Make the stored objects exactly ``objects`` (key -> ``(rv, body)``), in one commit;
+        returns the keys that changed.
+
+        For a writer that owns all desired state instead of the cloud: the standalone manifest
+        folder. An object whose non-empty rv is the stored one is left alone. When this
+        changes anything on a store that has applied the cloud's stream, the high-water mark
+        goes back to 0: what is stored no longer follows that stream, so a later joined run
+        starts as a wiped store does and the cloud sends it everything again.
+        """
+        prepared = []
+        for key, (rv, body) in objects.items():
+            kind, packed = self._prepare(Message(0, "", Op.PUT, key, rv, body))
+            prepared.append((key, kind, rv, packed))
+        changed: list[str] = []
+        with self._write("replacing the desired objects"):
+            stored = dict(self._db.execute("SELECT key, rv FROM objects"))
+            for key, kind, rv, packed in prepared:
+                if rv and stored.get(key) == rv:
+                    continue
+                self._put(key, kind, rv, packed)
+                changed.append(key)
+            for key in sorted(stored.keys() - objects.keys()):
+                self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
+                changed.append(key)
+            if changed:
+                self._db.execute("UPDATE inbound SET hwm = 0")
+                self._changed(Changes(objects=frozenset(changed)))
+        return tuple(changed)
 
     def get(self, key: str) -> tuple[str, Any] | None:
         """The stored ``(rv, body)`` of the object ``namespace/kind/name``, or None."""
@@ -416,9 +480,12 @@ class Store:
         if coalesce_key is None:
             coalesce_key = f"{upstream}:{key}"
         with self._write(f"queueing {upstream} report {key!r}"):
-            return outbox.enqueue(
+            result = outbox.enqueue(
                 self._db, upstream, key, rv, packed, coalesce_key, self.outbox_budget
             )
+            if result != ReportResult.DROPPED:
+                self._changed(Changes(outbox=True))
+            return result
 
     def take_for_send(self, limit: int) -> list[Message]:
         """Number up to ``limit`` of the oldest unsent reports and return them, oldest first.
@@ -517,6 +584,8 @@ class Store:
         """Forget ``key``; nothing happens if it was never set."""
         with self._write(f"deleting local state {key!r}"):
             self._db.execute("DELETE FROM local_state WHERE key = ?", (key,))
+            if self._db.changes():
+                self._changed(Changes(state=frozenset([key])))
 
     def set_state(self, key: str, value: Any) -> None:
         """Store any msgpack-able ``value`` under ``key``, replacing what was there."""
@@ -530,3 +599,4 @@ class Store:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, packed),
             )
+            self._changed(Changes(state=frozenset([key])))

@@ -30,7 +30,7 @@ from lightkube.resources.core_v1 import Secret
 from cloud import bootstrap, pki
 from cloud.cli import cli as cloud_cli
 from cloud.cli import validate_ttl
-from edge import agent, identity
+from edge import datadir, identity
 from edge.identity import CA_PATH, JOIN_PATH, IdentityError
 from tests.cluster.controlplane import ControlPlane
 from tests.processes import VENV_BIN
@@ -464,7 +464,7 @@ async def test_the_join_command_saves_an_identity(kube: AsyncClient, cloud: Clou
         == f"joined {cloud.url} as node gw-cli-join; identity saved in {saved_in}\n"
     )
     assert identity.load_identity(tmp_path / "edge").node == "gw-cli-join"
-    assert agent.saved_cloud_url(tmp_path / "edge") == cloud.url
+    assert datadir.saved_cloud_url(tmp_path / "edge") == cloud.url
 
 
 async def test_the_join_command_reports_a_refusal_in_one_line(cloud: Cloud, tmp_path: Path):

@@ -107,7 +107,7 @@ async def test_reports_reach_the_cloud_once_and_leave_the_outbox(
         edge,
     ):
         for i in range(30, 60):
-            await edge.report(Op.STATUS, f"ns/Pod/p{i}", {"i": i})
+            await edge.store.report(Op.STATUS, f"ns/Pod/p{i}", {"i": i})
         await eventually(lambda: store.outbox_size()[1] == 0, "outbox drained")
     lines = (tmp_path / "reports.jsonl").read_text().splitlines()
     assert len(lines) == 60
@@ -330,7 +330,7 @@ async def test_an_edge_with_a_new_store_gets_everything_again_and_its_reports_co
     config = pki.edge_config("gw-1", cloud.hub.port)
     async with running_edge(tmp_path / "old.db", config) as (store, edge):
         for i in range(5):
-            await edge.report(Op.EVENT, "ns/Pod/p", {"old": i}, coalesce_key=f"old-{i}")
+            await edge.store.report(Op.EVENT, "ns/Pod/p", {"old": i}, coalesce_key=f"old-{i}")
         await eventually(lambda: len(edge_state(store)) == 3, "the old store is synced")
         await eventually(lambda: store.outbox_size()[1] == 0, "the old reports are acknowledged")
     # The gateway is re-flashed: same identity, empty store, numbering from 1 again.
@@ -339,7 +339,7 @@ async def test_an_edge_with_a_new_store_gets_everything_again_and_its_reports_co
             lambda: edge_state(store) == cloud_state(cloud.source, "gw-1"), "a full resync"
         )
         for i in range(3):
-            await edge.report(Op.EVENT, "ns/Pod/p", {"new": i}, coalesce_key=f"new-{i}")
+            await edge.store.report(Op.EVENT, "ns/Pod/p", {"new": i}, coalesce_key=f"new-{i}")
         await eventually(lambda: store.outbox_size()[1] == 0, "the new reports are acknowledged")
     lines = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
     assert [r.get("body") for r in lines if "restart" not in r] == [

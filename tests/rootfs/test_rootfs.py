@@ -26,9 +26,9 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from edge.agent import CLOUD_URL_FILE
+from edge.datadir import CLOUD_URL_FILE
 from rootfs import build
-from tests.appliance import missing
+from tests.appliance import missing, require_root
 from tests.channelkit import Cloud
 from tests.cluster.controlplane import ControlPlane
 
@@ -68,8 +68,9 @@ def tree(
     image_dir: Path, manifest: dict, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     """The image's tarball unpacked: the tests may change it. Removed afterwards (150 MB)."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("booting the rootfs in a chroot takes root and unshare")
+    require_root("booting the rootfs in a chroot takes root")
+    if shutil.which("unshare") is None:
+        pytest.skip("booting the rootfs in a chroot takes unshare (util-linux)")
     root = tmp_path_factory.mktemp("rootfs")
     subprocess.run(
         ["tar", "--numeric-owner", "-xzf", str(image_dir / build.TARBALL), "-C", str(root)],

@@ -13,13 +13,15 @@ import trio.testing
 import yaml
 from click.testing import CliRunner
 
-from edge import agent
 from edge.cli import cli
-from edge.devices.manager import INDEX_KEY, state_key
+from edge.devices.drivers import Buses
+from edge.devices.manager import INDEX_KEY, DeviceManager, state_key
 from edge.devices.model import DeviceConfig, PropertyConfig
 from edge.devices.twin import DeviceTwin
+from edge.manifests import ManifestWriter
 from edge.store import Store
 from edge.store.aio import AsyncStore
+from edge.upstream import Upstream
 
 
 def views() -> dict[str, dict[str, Any]]:
@@ -104,9 +106,11 @@ async def test_standalone_agent_runs_devices_from_the_folder_and_reports_nothing
     manifests.mkdir()
     (manifests / "d.yaml").write_text(yaml.safe_dump_all([model, dev]))
     with Store(tmp_path / "store.db") as store:
-        options = agent.RunOptions(data_dir=tmp_path, manifests=manifests)
-        devices = agent._device_manager(options, AsyncStore(store), "gw", lambda: None)
+        # As `outpost run --standalone` wires them: the folder writes, the devices follow.
+        aio = AsyncStore(store)
+        devices = DeviceManager(aio, "gw", Upstream(aio, cloud=False).report, Buses())
         async with trio.open_nursery() as nursery:
+            await nursery.start(ManifestWriter(manifests, "gw", aio).run)
             nursery.start_soon(devices.run)
             await devices.ready.wait()
             nursery.cancel_scope.cancel()

@@ -3,7 +3,6 @@ tests): loading, reporting, failing devices, desired values, changes and removal
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,18 +12,12 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-import yaml
 
 from edge.devices.drivers import Buses
 from edge.devices.drivers.base import DriverError
-from edge.devices.manager import (
-    INDEX_KEY,
-    DeviceManager,
-    ManifestDevices,
-    load_views,
-    state_key,
-)
+from edge.devices.manager import INDEX_KEY, DeviceManager, load_views, state_key
 from edge.devices.model import DeviceConfig, PropertyConfig
+from edge.hub.link import LINK_STATE_KEY
 from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.wire.events import Message, Op
@@ -123,9 +116,9 @@ class InlineStore(AsyncStore):
     """The real store, called on the trio thread: virtual time (autojump) must not run on
     while a worker thread commits."""
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _execute(self, call: Callable[[], T]) -> T:
         await trio.lowlevel.checkpoint()
-        return fn(*args)
+        return call()
 
 
 class Harness:
@@ -150,8 +143,7 @@ class Harness:
             key = f"{meta['namespace']}/{obj['kind']}/{meta['name']}"
             op = Op.DELETE if delete else Op.PUT
             messages.append(Message(next(self.seq), "id", op, key, "", None if delete else obj))
-        result = await self.aio.run(self.store.apply_batch, messages)
-        self.manager.changed(result.changed)
+        await self.aio.run(self.store.apply_batch, messages)  # the manager follows the feed
 
     def twins(self, key: str) -> list[dict[str, Any]]:
         return [body for op, k, body, _ in self.reports if op == Op.TWIN and k == key]
@@ -314,36 +306,39 @@ async def test_a_driver_that_cannot_open_is_retried_with_backoff(
     assert h.last_twin("plant/Device/t1")["state"] == "online"
 
 
-async def test_report_again_and_listeners(
+async def test_report_again_and_views_saved_with_each_twin_report(
     h: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
     seen: list[tuple[str, str]] = []
-    h.manager.listeners.append(lambda key, view: seen.append((key, view["state"])))
+
+    async def follow() -> None:
+        # What the eventbus does: the views saved in the store, through the change feed.
+        with h.aio.feed.subscribe() as feed:
+            async for changes in feed:
+                for key in changes.states("device/"):
+                    seen.append((key, h.store.get_state(key)["state"]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        await h.put(model(), device("t1", 1))
+        await trio.sleep(2)
+        assert ("device/plant/t1", "online") in seen
+        count = len(h.twins("plant/Device/t1"))
+        h.manager.report_again()
+        await trio.sleep(0.5)
+        assert len(h.twins("plant/Device/t1")) == count + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_devices_report_again_when_the_link_comes_back(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     await h.put(model(), device("t1", 1))
     await trio.sleep(2)
-    assert ("plant/Device/t1", "online") in seen
     count = len(h.twins("plant/Device/t1"))
-    h.manager.report_again()
+    await h.aio.set_state(LINK_STATE_KEY, {"online": False, "since": 0.0, "reason": "cut"})
+    await trio.sleep(0.5)
+    assert len(h.twins("plant/Device/t1")) == count  # going offline says nothing
+    await h.aio.set_state(LINK_STATE_KEY, {"online": True, "since": 1.0, "reason": "up"})
     await trio.sleep(0.5)
     assert len(h.twins("plant/Device/t1")) == count + 1
-
-
-async def test_devices_from_a_folder_of_manifests(tmp_path: Path) -> None:
-    other = device("t9", 9, node="elsewhere")
-    mine = device("t1", 1)
-    del mine["metadata"]["uid"]
-    (tmp_path / "devices.yaml").write_text(yaml.safe_dump_all([model(), mine, other]))
-    (tmp_path / "pod.yaml").write_text("kind: Pod\nmetadata: {name: p}\n")
-    (tmp_path / "broken.yaml").write_text("kind: [\n")
-    source = ManifestDevices(tmp_path, "gw")
-    devices, models = await source()
-    assert list(devices) == ["plant/Device/t1"]
-    assert list(models) == ["plant/DeviceModel/thermostat"]
-    uid = devices["plant/Device/t1"]["metadata"]["uid"]
-    again, _ = await ManifestDevices(tmp_path, "gw")()
-    assert again["plant/Device/t1"]["metadata"]["uid"] == uid  # stable
-    edited = copy.deepcopy(mine)
-    edited["spec"]["properties"][0]["collectCycle"] = 5_000_000_000
-    (tmp_path / "devices.yaml").write_text(yaml.safe_dump_all([model(), edited]))
-    edited_devices, _ = await source()
-    assert edited_devices["plant/Device/t1"]["metadata"]["uid"] == uid

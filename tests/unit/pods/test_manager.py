@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 import trio
 
+from edge.hub.link import LINK_STATE_KEY
 from edge.pods.manager import PodManager
 from edge.pods.supervisor import Services
+from edge.store import Store
+from edge.store.aio import AsyncStore
+from edge.wire.events import Message, Op
+from tests.waiting import eventually
 
 
 class NoContainers:
@@ -137,3 +142,43 @@ async def test_deletion_grace_period_overrides_the_spec(services: Services) -> N
     assert manager.supervisors == {}
     # The supervisor's own last report said stopped: nothing more to confirm.
     assert manager.confirmed == {"u-1"}
+
+
+async def test_following_the_store_pods_that_changed_objects_and_the_link(
+    services: Services, tmp_path: Path
+) -> None:
+    """What the feed says reaches the manager: a changed Pod reconciles, a changed ConfigMap
+    reaches the pods using it, and every pod reports again each time the link comes back."""
+    with Store(tmp_path / "store.db") as store:
+        aio = AsyncStore(store)
+        reads = 0
+        uses = Listener(pod("a", "u-a"))
+
+        async def source() -> dict[str, dict[str, Any]]:
+            nonlocal reads
+            reads += 1
+            return {"u-a": uses.pod}
+
+        manager = PodManager(services, source, follow=aio)
+        manager.supervisors = {"u-a": uses}  # type: ignore[dict-item]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(manager.run, 3600)
+            await manager.adopted_ready.wait()
+            before = reads
+            await aio.run(store.apply_batch, [Message(1, "m1", Op.PUT, "plant/Pod/b", "", {})])
+            await eventually(lambda: reads > before, "a reconcile for the changed pod")
+            await aio.run(
+                store.apply_batch, [Message(2, "m2", Op.PUT, "plant/ConfigMap/settings", "", {})]
+            )
+            await eventually(lambda: uses.told == 1, "the pod told its ConfigMap changed")
+            up = {"online": True, "since": 0.0, "reason": "", "connects": 1}
+            await aio.set_state(LINK_STATE_KEY, up)
+            await eventually(lambda: uses.again == 1, "a report again once the link is up")
+            await aio.set_state(LINK_STATE_KEY, {**up, "online": False})
+            # Back before the manager saw it drop: the count of connects tells it all the same.
+            await aio.set_state(LINK_STATE_KEY, {**up, "connects": 2})
+            await eventually(lambda: uses.again == 2, "a report again once it is back")
+            await aio.set_state(LINK_STATE_KEY, {**up, "connects": 2, "reason": "same session"})
+            await trio.sleep(0.1)
+            assert uses.again == 2
+            nursery.cancel_scope.cancel()
