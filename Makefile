@@ -94,6 +94,7 @@ appliance: binary
 # them first, and OUTPOST_REQUIRE_BINARY=1 makes a test that finds no binary or rootfs for the
 # current sources fail instead of skipping (tests/appliance.py).
 test: export OUTPOST_REQUIRE_BINARY := 1
+test: export OUTPOST_REQUIRE_ROOT := 1
 test: setup lint appliance
 	$(call pytest,-q)
 

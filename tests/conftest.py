@@ -2,7 +2,8 @@
 
 ``control_plane`` starts one real Kubernetes control plane per test session, the first time a
 test asks for it; unit tests never do, so the unit tier needs no Go build. ``outpost_binary`` is
-the built edge binary (tests/appliance.py).
+the built edge binary (tests/appliance.py). A test marked ``requires_root(reason)`` is skipped
+without root, and fails instead under ``OUTPOST_REQUIRE_ROOT=1`` (`make test`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,22 @@ import pytest
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
 
-from tests.appliance import binary_or_missing
+from tests.appliance import binary_or_missing, require_root
 from tests.cluster import build
 from tests.cluster.controlplane import ControlPlane
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires_root(reason): needs root; skipped without it, failed under"
+        " OUTPOST_REQUIRE_ROOT=1 (make test)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers(name="requires_root"):
+        require_root(marker.args[0] if marker.args else "this test needs root")
 
 
 @pytest.fixture(scope="session")

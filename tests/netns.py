@@ -50,8 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-import pytest
-
+from tests.appliance import lacking_root, require_root
 from tests.waiting import eventually_sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,14 +101,14 @@ def _capabilities() -> int:
     return 0
 
 
-def skip_unless_netns_capable() -> None:
-    """Skip the calling test when this process cannot make network namespaces."""
-    if os.geteuid() != 0:
-        pytest.skip("network-namespace tests need root (`ip netns add` mounts /run/netns)")
+def require_netns() -> None:
+    """Skip the calling test when this process cannot make network namespaces, or fail it
+    under ``OUTPOST_REQUIRE_ROOT`` (see tests/appliance.py)."""
+    require_root("network-namespace tests need root (`ip netns add` mounts /run/netns)")
     caps = _capabilities()
     for bit, name in ((_CAP_NET_ADMIN, "CAP_NET_ADMIN"), (_CAP_SYS_ADMIN, "CAP_SYS_ADMIN")):
         if not caps & (1 << bit):
-            pytest.skip(f"network-namespace tests need {name}, which this process lacks")
+            lacking_root(f"network-namespace tests need {name}, which this process lacks")
     if shutil.which("ip") is None:
         raise NetnsError("`ip` (iproute2) is not installed; the netns harness needs it")
 
@@ -266,7 +265,7 @@ class EdgeLink:
     # -- set up and tear down ------------------------------------------------------------
 
     def __enter__(self) -> EdgeLink:
-        skip_unless_netns_capable()
+        require_netns()
         try:
             self._set_up()
         except BaseException:
@@ -293,7 +292,7 @@ class EdgeLink:
             except NetnsError as error:
                 self._netns = None
                 if "Operation not permitted" in str(error):
-                    pytest.skip(f"this machine cannot create network namespaces: {error}")
+                    lacking_root(f"this machine cannot create network namespaces: {error}")
                 raise
             self._index = self._free_subnet()
             _run(

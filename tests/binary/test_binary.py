@@ -8,7 +8,6 @@ instead under OUTPOST_REQUIRE_BINARY=1, as `make test` runs them (tests/applianc
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -76,7 +75,7 @@ def device(name: str, protocol: dict, desired: str) -> dict:
 
 pytestmark = pytest.mark.binary
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
+needs_root = pytest.mark.requires_root("runc needs root")
 
 
 def run(binary: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from tests.podkit import busybox_registry
 from tests.processes import VENV_BIN
 from tests.waiting import eventually
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
+pytestmark = pytest.mark.requires_root("runc needs root")
 
 PODS = 10
 

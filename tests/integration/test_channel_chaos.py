@@ -25,7 +25,7 @@ from edge.wire.events import Op
 from edge.wire.keys import NODE_PREFIX
 from tests.channelkit import Cloud, Edge, cloud_objects, configmap
 from tests.cluster.controlplane import ControlPlane
-from tests.netns import EdgeLink, skip_unless_netns_capable
+from tests.netns import EdgeLink, require_netns
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
@@ -40,7 +40,7 @@ REPORTS = 300
 async def test_zero_loss_through_link_cuts_and_edge_kills(
     control_plane: ControlPlane, kube: AsyncClient, tmp_path: Path
 ) -> None:
-    skip_unless_netns_capable()
+    require_netns()
     rng = random.Random(20261125)
     namespace = "chaos"
     await kube.create(Namespace(metadata=ObjectMeta(name=namespace)))

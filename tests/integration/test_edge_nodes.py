@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -38,7 +37,7 @@ from tests.edgekit import (
 
 pytestmark = [
     pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="runc and network namespaces need root"),
+    pytest.mark.requires_root("runc and network namespaces need root"),
 ]
 
 # The test cluster: a node is NotReady 10 s after its last Lease renewal, and a pod without a

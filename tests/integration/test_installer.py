@@ -45,7 +45,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.channelkit import spawn
 from tests.cluster.controlplane import ControlPlane, free_port
-from tests.netns import EdgeLink, skip_unless_netns_capable
+from tests.netns import EdgeLink, require_netns
 from tests.processes import REPO, VENV_BIN
 from tests.waiting import eventually
 
@@ -238,7 +238,7 @@ async def cloud(control_plane: ControlPlane, tmp_path: Path):
 async def serving(control_plane: ControlPlane, tmp_path: Path, releases: Path, node: str = NODE):
     """`outpost-cloud serve --releases` on the host end of a fresh edge namespace's link, and a
     join token for ``node``."""
-    skip_unless_netns_capable()
+    require_netns()
     key = tmp_path / "release.key"
     keygen = await trio.run_process(
         [VENV_BIN / "outpost-cloud", "release-key", "--generate", key], capture_stdout=True

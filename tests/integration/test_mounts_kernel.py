@@ -12,7 +12,7 @@ import pytest
 
 from edge.mounts import MountError, mount, mount_points, unmount
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+pytestmark = pytest.mark.requires_root("mounting needs root")
 
 
 def test_mount_then_unmount(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 import trio
 
+from tests.appliance import REQUIRE_ROOT_ENV
 from tests.netns import POOL, EdgeLink, link_exists, netns_exists
 from tests.processes import LineReader, start
 
@@ -185,7 +186,15 @@ async def test_two_links_are_distinct_and_isolated():
 
 def test_skips_without_root(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.delenv(REQUIRE_ROOT_ENV, raising=False)
     began = time.monotonic()
     with pytest.raises(pytest.skip.Exception, match="need root"), EdgeLink("netns-test"):
         pass
     assert time.monotonic() - began < 1
+
+
+def test_fails_without_root_under_make_test(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setenv(REQUIRE_ROOT_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="need root"), EdgeLink("netns-test"):
+        pass

@@ -33,7 +33,7 @@ from edge.pods.network import (
     host_network_sandbox,
     node_address,
 )
-from tests.netns import EdgeLink, skip_unless_netns_capable
+from tests.netns import EdgeLink, require_netns
 from tests.processes import REPO, LineReader, start
 
 TEST_POOL = ipaddress.IPv4Network("10.214.0.0/16")  # next to tests/netns.py's 10.213.0.0/16
@@ -125,7 +125,7 @@ class Bench:
 
 @pytest.fixture
 async def bench(tmp_path: Path) -> AsyncIterator[Bench]:
-    skip_unless_netns_capable()
+    require_netns()
     subnet = await free_subnet()
     config = NetworkConfig(
         name=f"outpost-test-{os.getpid()}",

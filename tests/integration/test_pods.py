@@ -4,7 +4,6 @@ probes, restarts, graceful stop and logs."""
 from __future__ import annotations
 
 import base64
-import os
 from collections.abc import AsyncIterator
 from itertools import pairwise
 from pathlib import Path
@@ -18,7 +17,7 @@ from edge.pods.manager import PodManager
 from tests.podkit import PodWorld, busybox_registry, pod
 from tests.waiting import eventually
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
+pytestmark = pytest.mark.requires_root("runc needs root")
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ AGENT_OOM_SCORE_ADJ = Path("/proc/self/oom_score_adj").read_text()
 HOST_HOSTS = Path("/etc/hosts").read_text()
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root"),
+    pytest.mark.requires_root("runc needs root"),
     pytest.mark.skipif(not Path(RUNC).exists(), reason="runc is not installed (make setup)"),
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),
 ]

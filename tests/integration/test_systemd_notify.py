@@ -23,7 +23,7 @@ from tests.podkit import busybox_registry
 from tests.processes import REPO, VENV_BIN
 from tests.waiting import eventually
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
+pytestmark = pytest.mark.requires_root("runc needs root")
 
 WATCHDOG_USEC = 400_000  # WatchdogSec=0.4s: a ping every 0.2 s
 

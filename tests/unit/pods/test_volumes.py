@@ -31,6 +31,7 @@ from edge.pods.volumes import (
     volume_files,
     write_plan,
 )
+from tests.appliance import require_root
 
 LAYOUT = PodLayout(Path("/pods/u-1"))
 
@@ -301,8 +302,7 @@ def test_an_identical_plan_is_not_rewritten(tmp_path: Path) -> None:
 
 
 def test_fs_group_owns_the_files_and_can_read_them(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("changing a file's group to an arbitrary one needs root")
+    require_root("changing a file's group to an arbitrary one needs root")
     write_plan([FileEntry("k", b"v", 0o400)], tmp_path, fs_group=2000)
     info = (tmp_path / "k").stat()
     assert info.st_gid == 2000
