@@ -19,6 +19,7 @@ the node was offline) gets that report too, once.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -46,6 +47,7 @@ Source = Callable[[], Awaitable[dict[str, dict[str, Any]]]]  # uid -> pod
 OBJECT_KINDS = ("ConfigMap", "Secret", TOKEN_KIND)
 RESYNC_S = 300.0
 IMAGE_GC_S = 600.0
+REAP_SWEEP_S = 60.0
 
 
 def store_pods(aio: AsyncStore, node: str) -> Source:
@@ -187,9 +189,14 @@ class PodManager:
                 )
 
     async def _reap(self) -> None:
-        while True:
-            await trio.sleep(1)
-            await trio.to_thread.run_sync(process.reap_runc_orphans)
+        """Reap runc's orphaned helpers as they end: each exit (or a zombie reparented to us)
+        sends SIGCHLD. Signals merge, so each one reaps all there are, and a slow sweep covers
+        a signal lost before this task started."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as exits:
+            while True:
+                with trio.move_on_after(REAP_SWEEP_S):
+                    await exits.__anext__()
+                await trio.to_thread.run_sync(process.reap_runc_orphans)
 
     async def reconcile(self) -> None:
         pods = await self.source()

@@ -3,6 +3,7 @@ and the deletion's grace period."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import trio
 
 from edge.hub.link import LINK_STATE_KEY
+from edge.pods import process
 from edge.pods.manager import PodManager
 from edge.pods.supervisor import Services
 from edge.store import Store
@@ -182,3 +184,30 @@ async def test_following_the_store_pods_that_changed_objects_and_the_link(
             await trio.sleep(0.1)
             assert uses.again == 2
             nursery.cancel_scope.cancel()
+
+
+ORPHAN = """
+import ctypes, os, time
+pid = os.fork()
+if pid == 0:
+    ctypes.CDLL(None).prctl(15, b"runc:[1:CHILD]", 0, 0, 0)  # PR_SET_NAME
+    time.sleep(0.3)
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+async def test_runc_helpers_orphaned_onto_the_agent_are_reaped_as_they_end(
+    services: Services,
+) -> None:
+    """runc's helpers that end after their parent are reparented to the agent (a subreaper):
+    they are reaped as they end, not at the next sweep a minute later."""
+    manager = PodManager(services, trio.sleep_forever)  # type: ignore[arg-type]
+    process.become_subreaper()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager._reap)
+        done = await trio.run_process([sys.executable, "-c", ORPHAN], capture_stdout=True)
+        orphan = Path(f"/proc/{int(done.stdout)}")
+        assert "runc:[1:CHILD]" in (orphan / "stat").read_text()  # alive, and ours now
+        await eventually(lambda: not orphan.exists(), "the orphan reaped", within=5)
+        nursery.cancel_scope.cancel()
