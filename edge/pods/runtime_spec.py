@@ -42,7 +42,8 @@ from edge.pods.volumes import ContainerVolumes
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# containerd's (and Docker's) default set.
+# containerd's default set (defaultUnixCaps in 1.x's oci/spec.go; 2.0 dropped five from its
+# client default), and Docker's.
 DEFAULT_CAPABILITIES = (
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",

@@ -9,10 +9,8 @@ from typing import Any
 import pytest
 
 from edge.pods import runtime_spec
-from edge.pods.capabilities import ALL_CAPABILITIES
 from edge.pods.resolver import ContainerConfigError
 from edge.pods.runtime_spec import (
-    DEFAULT_CAPABILITIES,
     ImageIds,
     bounding_capabilities,
     build_spec,
@@ -27,6 +25,68 @@ LAYOUT = PodLayout(Path("/var/lib/outpost/pods/u-1"))
 PASSWD = "root:x:0:0::/root:/bin/sh\nnginx:x:101:101::/:/bin/false\napp:x:1000:1000::/:/bin/sh\n"
 GROUP = "root:x:0:\nnginx:x:101:\ndialout:x:20:app,nginx\nvideo:x:44:app\n"
 IDS = ImageIds.parse(PASSWD, GROUP)
+
+# Every Linux capability, in the kernel's order (include/uapi/linux/capability.h, Linux 5.9+).
+LINUX_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+# containerd's defaultUnixCaps() (oci/spec.go, 1.x), Docker's default set too.
+CONTAINERD_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
 
 
 def make_pod(container: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
@@ -74,7 +134,7 @@ def test_a_plain_container() -> None:
     assert spec["process"]["noNewPrivileges"] is True
     assert spec["process"]["oomScoreAdj"] == 1000  # BestEffort
     assert spec["process"]["capabilities"]["bounding"] == sorted(
-        DEFAULT_CAPABILITIES, key=ALL_CAPABILITIES.index
+        CONTAINERD_CAPABILITIES, key=LINUX_CAPABILITIES.index
     )
     assert spec["root"] == {"path": "/var/lib/outpost/rootfs/main", "readonly": False}
     assert spec["hostname"] == "meter"
@@ -87,8 +147,27 @@ def test_a_plain_container() -> None:
         {"type": "network", "path": "/run/netns/pod-u-1"},
     ]
     assert spec["linux"]["cgroupsPath"] == "/outpost/podu-1/main"
-    assert spec["linux"]["maskedPaths"] == list(runtime_spec.MASKED_PATHS)
-    assert spec["linux"]["readonlyPaths"] == list(runtime_spec.READONLY_PATHS)
+    # containerd's (populateDefaultUnixSpec in oci/spec.go).
+    assert spec["linux"]["maskedPaths"] == [
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/scsi",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+    ]
+    assert spec["linux"]["readonlyPaths"] == [
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+    ]
     assert "seccomp" not in spec["linux"]
     assert spec["annotations"] == {
         "io.kubernetes.pod.namespace": "plant",
@@ -115,7 +194,8 @@ def test_env_is_image_env_overridden_by_container_env_in_place() -> None:
 
 def test_default_path_when_the_image_has_none() -> None:
     env = spec_of(make_pod())["process"]["env"]
-    assert env[0] == f"PATH={runtime_spec.DEFAULT_PATH}"
+    # containerd's defaultUnixEnv.
+    assert env[0] == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def test_working_dir_container_over_image() -> None:
@@ -210,12 +290,12 @@ def test_image_ids_skip_malformed_lines() -> None:
 # --- capabilities and privilege ---------------------------------------------------------------
 
 
-def caps(sc: dict[str, Any], available: tuple[str, ...] = ALL_CAPABILITIES) -> set[str]:
+def caps(sc: dict[str, Any], available: tuple[str, ...] = LINUX_CAPABILITIES) -> set[str]:
     return set(capabilities(sc, available))
 
 
 def test_capabilities_add_and_drop() -> None:
-    defaults = set(DEFAULT_CAPABILITIES)
+    defaults = set(CONTAINERD_CAPABILITIES)
     assert caps({}) == defaults
     assert caps({"capabilities": {"add": ["NET_ADMIN"]}}) == defaults | {"CAP_NET_ADMIN"}
     assert caps({"capabilities": {"add": ["cap_net_admin"]}}) == defaults | {"CAP_NET_ADMIN"}
@@ -225,7 +305,7 @@ def test_capabilities_add_and_drop() -> None:
         "CAP_NET_BIND_SERVICE"
     }
     assert caps({"capabilities": {"add": ["ALL"], "drop": ["SYS_ADMIN"]}}) == set(
-        ALL_CAPABILITIES
+        LINUX_CAPABILITIES
     ) - {"CAP_SYS_ADMIN"}
     # Added and dropped: dropped, as in containerd.
     assert "CAP_NET_ADMIN" not in caps(
@@ -234,8 +314,8 @@ def test_capabilities_add_and_drop() -> None:
 
 
 def test_capabilities_are_bounded_by_what_the_agent_has() -> None:
-    available = tuple(c for c in ALL_CAPABILITIES if c not in ("CAP_SYS_RESOURCE", "CAP_KILL"))
-    assert caps({}, available) == set(DEFAULT_CAPABILITIES) - {"CAP_KILL"}
+    available = tuple(c for c in LINUX_CAPABILITIES if c not in ("CAP_SYS_RESOURCE", "CAP_KILL"))
+    assert caps({}, available) == set(CONTAINERD_CAPABILITIES) - {"CAP_KILL"}
     assert caps({"privileged": True}, available) == set(available)
     assert caps({"capabilities": {"add": ["ALL"]}}, available) == set(available)
     with pytest.raises(ContainerConfigError, match="CAP_SYS_RESOURCE are not available"):
@@ -260,7 +340,7 @@ def test_no_new_privileges_unless_escalation_is_allowed() -> None:
 
 def test_privileged_lifts_every_restriction() -> None:
     spec = spec_of(make_pod({"securityContext": {"privileged": True}}))
-    assert set(spec["process"]["capabilities"]["effective"]) == set(ALL_CAPABILITIES)
+    assert set(spec["process"]["capabilities"]["effective"]) == set(LINUX_CAPABILITIES)
     assert spec["process"]["noNewPrivileges"] is False
     assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
     assert "maskedPaths" not in spec["linux"]
@@ -475,7 +555,15 @@ def test_device_passthrough_adds_the_node_and_exactly_one_allow_rule() -> None:
     rules = spec["linux"]["resources"]["devices"]
     assert rules[0] == {"allow": False, "access": "rwm"}
     assert rules[-1] == {"allow": True, "type": "c", "major": 188, "minor": 0, "access": "rw"}
-    assert list(rules[1:-1]) == list(runtime_spec.DEFAULT_DEVICE_RULES[1:])
+    # Between them, the devices every container has: null, zero, full, random, urandom, tty,
+    # console, ptmx and every pts.
+    assert list(rules[1:-1]) == [
+        *(
+            {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
+            for major, minor in ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2))
+        ),
+        {"allow": True, "type": "c", "major": 136, "access": "rwm"},
+    ]
     assert not any(m["destination"] == "/dev/ttyUSB0" for m in spec["mounts"])
 
 

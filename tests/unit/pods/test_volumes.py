@@ -14,7 +14,6 @@ import pytest
 from edge.pods.hostname import PodHostname
 from edge.pods.resolver import Resolver
 from edge.pods.volumes import (
-    SHM_SIZE,
     ContainerVolumes,
     FileEntry,
     HostPathInfo,
@@ -555,7 +554,8 @@ def test_memory_backed_directories() -> None:
         ]
     )
     assert pod_tmpfs(pod, LAYOUT) == [
-        Tmpfs(LAYOUT.shm, ("nosuid", "nodev", "noexec", "mode=1777", f"size={SHM_SIZE}")),
+        # containerd's /dev/shm: 64 MiB.
+        Tmpfs(LAYOUT.shm, ("nosuid", "nodev", "noexec", "mode=1777", f"size={64 * 2**20}")),
         Tmpfs(LAYOUT.volume("sized"), ("nosuid", "nodev", "mode=777", f"size={16 * 2**20}")),
         # No sizeLimit: the pod's memory limit, as every container has one.
         Tmpfs(LAYOUT.volume("unsized"), ("nosuid", "nodev", "mode=777", f"size={64 * 2**20}")),
