@@ -13,14 +13,14 @@ import httpx2
 import trio
 from lightkube.core.exceptions import ApiError
 
-from cloud import installer, kube, pki, service
+from cloud import defaults, installer, kube, pki, service
 from cloud.devices import crds
-from cloud.devices.telemetry import parse_mqtt_url
 from cloud.hub.ownership import sanitize_id
 from cloud.hub.server import HubSettings
 from cloud.mirror.controller import ControllerSettings
 from edge import logs
 from edge.cli_shared import validate_cloud_url, validate_node_name, version_info
+from edge.mqtt import parse_broker_url
 from edge.version import __version__
 
 log = logging.getLogger("cloud")
@@ -39,10 +39,14 @@ def validate_mqtt_url(ctx: click.Context, param: click.Parameter, value: str | N
     if not value:
         return None
     try:
-        parse_mqtt_url(value)
+        parse_broker_url(value)
     except ValueError as exc:
         raise click.BadParameter(f"{exc} (for example mqtt://127.0.0.1:1883)") from exc
     return value
+
+
+def _host_port(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
 
 
 def validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
@@ -79,7 +83,7 @@ def cli(log_level: str) -> None:
 )
 @click.option(
     "--listen",
-    default="0.0.0.0:8443",
+    default=_host_port(defaults.LISTEN),
     show_default=True,
     callback=validate_listen,
     envvar="OUTPOST_CLOUD_LISTEN",
@@ -94,7 +98,7 @@ def cli(log_level: str) -> None:
 )
 @click.option(
     "--metrics-listen",
-    default="127.0.0.1:9464",
+    default=_host_port(defaults.METRICS_LISTEN),
     show_default=True,
     callback=lambda ctx, param, value: value and validate_listen(ctx, param, value),
     envvar="OUTPOST_CLOUD_METRICS_LISTEN",
@@ -103,14 +107,14 @@ def cli(log_level: str) -> None:
 @click.option(
     "--heartbeat",
     type=click.FloatRange(0.1, 300),
-    default=15.0,
+    default=defaults.HEARTBEAT_S,
     show_default=True,
     help="Seconds between heartbeats on an idle session; a node silent for three is offline.",
 )
 @click.option(
     "--max-handshakes",
     type=click.IntRange(1, 100_000),
-    default=64,
+    default=defaults.MAX_HANDSHAKES,
     show_default=True,
     help="Connections admitted at once; more are told to retry later (reconnect storms).",
 )
@@ -122,7 +126,7 @@ def cli(log_level: str) -> None:
 @click.option(
     "--lease-renew-interval",
     type=click.FloatRange(0.5, 60),
-    default=10.0,
+    default=defaults.LEASE_RENEW_INTERVAL_S,
     show_default=True,
     help="Seconds between renewals of a connected node's Lease in kube-node-lease; keep it"
     " well under the controller-manager's --node-monitor-grace-period.",
@@ -130,21 +134,21 @@ def cli(log_level: str) -> None:
 @click.option(
     "--event-qps",
     type=click.FloatRange(0.1, 1000),
-    default=5.0,
+    default=defaults.EVENT_QPS,
     show_default=True,
     help="Events each node may write per second; more are dropped (counted in the log).",
 )
 @click.option(
     "--event-burst",
     type=click.IntRange(1, 10_000),
-    default=25,
+    default=defaults.EVENT_BURST,
     show_default=True,
     help="Events a node may write at once after a quiet spell.",
 )
 @click.option(
     "--device-status-interval",
     type=click.FloatRange(0.1, 3600),
-    default=2.0,
+    default=defaults.DEVICE_STATUS_INTERVAL_S,
     show_default=True,
     help="Seconds between writes of one device's DeviceStatus; reports in between are"
     " coalesced (the latest is written).",
@@ -152,7 +156,7 @@ def cli(log_level: str) -> None:
 @click.option(
     "--device-status-qps",
     type=click.FloatRange(0.1, 10_000),
-    default=20.0,
+    default=defaults.DEVICE_STATUS_QPS,
     show_default=True,
     help="DeviceStatus writes per second for all devices together.",
 )
@@ -186,7 +190,7 @@ def cli(log_level: str) -> None:
 )
 @click.option(
     "--installer-listen",
-    default="0.0.0.0:8444",
+    default=_host_port(defaults.INSTALLER_LISTEN),
     show_default=True,
     callback=validate_listen,
     envvar="OUTPOST_CLOUD_INSTALLER_LISTEN",
@@ -385,7 +389,7 @@ def validate_ttl(ctx: click.Context, param: click.Parameter, value: str) -> dt.t
 @click.argument("node", callback=validate_node_name)
 @click.option(
     "--ttl",
-    default="24h",
+    default=defaults.TOKEN_TTL,
     show_default=True,
     callback=validate_ttl,
     help="How long the token may be used: 30m, 24h, 7d, ...",

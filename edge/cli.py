@@ -108,7 +108,7 @@ def cli(log_level: str) -> None:
 )
 @click.option(
     "--pod-subnet",
-    default="10.88.0.0/16",
+    default=defaults.POD_SUBNET,
     show_default=True,
     envvar="OUTPOST_POD_SUBNET",
     help="Addresses for pods that do not use the host network.",

@@ -39,7 +39,10 @@ Per device:
   starts at the shortest collect cycle of the device and doubles with every further failure up
   to ``backoff_cap_s``. When it runs out a single request probes the device. So a dead slave
   costs its bus one timeout per backoff period, not one per property per cycle. A property
-  that fails on its own (an illegal address) is backed off alone.
+  that fails on its own (an illegal address) is backed off alone. The waits are the ceilings of
+  ``edge.backoff``, without its jitter: jitter spreads many clients of one server, while a
+  device has one client, and its bus's schedule stays predictable (and testable in virtual
+  time). Any answer starts the count over.
 - **TWIN reports** go out when something changed: at once for a change of state, a first value
   or a new observedDesired; otherwise (new reported values, reasons) at most once per shortest
   report cycle; and every ``refresh_s`` while online, so ``lastOnlineTime`` stays fresh.
@@ -54,6 +57,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge.backoff import Backoff
 from edge.devices.drivers.base import DEVICE_LEVEL_REASONS
 from edge.devices.model import DeviceConfig, PropertyConfig
 from edge.devices.values import from_text, same_value, to_text, within_deadband
@@ -94,14 +98,6 @@ class Report:
     op: Op
     key: str
     body: dict[str, Any]
-
-
-def backoff_s(failures: int, base_s: float, cap_s: float) -> float:
-    """How long to wait after the ``failures``-th consecutive failure: ``base_s`` doubled for
-    each failure after the first, at most ``cap_s``."""
-    if failures <= 0:
-        return 0.0
-    return min(cap_s, base_s * 2.0 ** min(failures - 1, 62))
 
 
 def rfc3339(wall: float) -> str:
@@ -177,9 +173,10 @@ class DeviceTwin:
         return self.config.key
 
     @property
-    def base_backoff_s(self) -> float:
+    def backoff(self) -> Backoff:
+        """The device's backoff: from its shortest collect cycle up to ``backoff_cap_s``."""
         cycles = [p.collect_s for p in self.config.properties]
-        return min(self.backoff_cap_s, min(cycles, default=1.0))
+        return Backoff(min(self.backoff_cap_s, min(cycles, default=1.0)), self.backoff_cap_s)
 
     @property
     def twin_interval_s(self) -> float:
@@ -310,7 +307,7 @@ class DeviceTwin:
             return
         self._answered(now)
         p.failures += 1
-        p.retry_at = now + backoff_s(p.failures, p.config.collect_s, self.backoff_cap_s)
+        p.retry_at = now + Backoff(p.config.collect_s, self.backoff_cap_s).ceiling(p.failures)
         self._dirty |= _changed(p.reason, reason)
         p.reason = (reason, message)
 
@@ -332,7 +329,7 @@ class DeviceTwin:
     def _write_failed(self, p: _Property, reason: str, message: str, now: float) -> None:
         p.write_failures += 1
         p.writing = "write"
-        p.write_at = now + backoff_s(p.write_failures, self.base_backoff_s, self.backoff_cap_s)
+        p.write_at = now + self.backoff.ceiling(p.write_failures)
         self._dirty |= _changed(p.write_reason, reason)
         p.write_reason = (reason, message)
 
@@ -355,7 +352,7 @@ class DeviceTwin:
 
     def _device_failed(self, reason: str, message: str, now: float) -> None:
         self.failures += 1
-        self.retry_at = now + backoff_s(self.failures, self.base_backoff_s, self.backoff_cap_s)
+        self.retry_at = now + self.backoff.ceiling(self.failures)
         self._dirty |= _changed(self.reason, reason)
         self.reason = (reason, message)
         if self.failures >= self.offline_after and self.state != OFFLINE:

@@ -6,7 +6,7 @@ it drains the store's outbox through a window of unacknowledged reports, and del
 the cloud acknowledges them. The protocol itself lives in ``edge.wire.connection``; this module
 owns the socket, the clock, the store calls and the reconnect policy.
 
-Reconnects use full-jitter exponential backoff (a random wait between 0 and
+Reconnects use full-jitter exponential backoff (``edge.backoff``: a random wait between 0 and
 ``min(cap, base * 2**attempt)``), so a fleet that lost the cloud together does not return
 together. A cloud that refuses a session for load says how long to stay away (``retry_after``),
 which the edge honours, spread by up to half again. A session that stayed up for
@@ -38,6 +38,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from edge.backoff import Backoff
 from edge.hub.link import LinkState
 from edge.hub.targets import MAX_REDIRECTS, Targets, cloud_url_of
 from edge.store import StoreError
@@ -119,6 +120,11 @@ class HubConfig:
     def cloud_urls(self) -> list[str]:
         return [self.cloud_url, *self.fallback_urls]
 
+    @property
+    def backoff(self) -> Backoff:
+        # Built on each use, so that a change to the fields takes effect at the next wait.
+        return Backoff(self.backoff_base_s, self.backoff_cap_s, self.stable_after_s)
+
 
 def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
     body = (exc.body or b"").decode(errors="replace").strip()[:200]
@@ -150,9 +156,6 @@ class EdgeHub:
         self.config = config
         self.targets = Targets(config.cloud_urls)
         self.link = link or LinkState()
-        self._backoff = tenacity.wait_random_exponential(
-            multiplier=config.backoff_base_s, max=config.backoff_cap_s
-        )
         self._wake = trio.Event()
         self._outbox_maybe = True
         # Whether the current attempt opened a session (then its URL is not to blame).
@@ -183,7 +186,7 @@ class EdgeHub:
     # -- reconnecting -------------------------------------------------------------------------
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        wait = self._backoff(state)
+        wait = self.config.backoff.delay(state.attempt_number)
         exc = state.outcome.exception() if state.outcome else None
         hint = getattr(exc, "retry_after_s", None)
         if hint and getattr(exc, "redirected", False):
@@ -226,7 +229,7 @@ class EdgeHub:
             except LinkDown as exc:
                 # A long session ended: start over with a short, still jittered, wait.
                 log.warning("cloud link down", extra={"reason": exc.reason, "was_up": "long"})
-                await trio.sleep(random.uniform(0, self.config.backoff_base_s))
+                await trio.sleep(self.config.backoff.delay(1))
 
     # -- one session --------------------------------------------------------------------------
 

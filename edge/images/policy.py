@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from edge.backoff import Backoff
 from edge.images.errors import ImageNeverPullError
 from edge.images.reference import Reference
 
@@ -64,6 +65,11 @@ class RetryPolicy:
     initial_s: float = 1.0
     max_s: float = 30.0
     timeout_s: float = 30.0
+
+    @property
+    def backoff(self) -> Backoff:
+        # Each request is retried on its own: there is no connection to stay up, so no reset.
+        return Backoff(self.initial_s, self.max_s)
 
 
 DEFAULT_RETRY = RetryPolicy()

@@ -10,9 +10,9 @@
   asks for the rest with ``Range`` and keeps hashing where it stopped. A registry that ignores
   the range gets the whole blob again.
 - **Retries.** Connection failures, timeouts, 429 and 5xx answers are retried with exponential
-  backoff and full jitter (honouring ``Retry-After``) up to ``RetryPolicy.attempts``; then
-  ``RegistryUnavailableError``. Answers that would not change on a retry (401, 403, 404, a
-  digest mismatch) fail at once.
+  backoff and full jitter (``edge.backoff``, honouring ``Retry-After``) up to
+  ``RetryPolicy.attempts``; then ``RegistryUnavailableError``. Answers that would not change
+  on a retry (401, 403, 404, a digest mismatch) fail at once.
 
 Plain HTTP is used for loopback registries and for hosts listed in ``plain_http``; everything
 else is HTTPS, verified against ``ssl_context`` (default: the system's trust store).
@@ -181,10 +181,6 @@ class RegistryClient:
         host = reference.api_host
         scheme = "http" if host in plain_http or is_loopback(host) else "https"
         self._base = f"{scheme}://{host}/v2/{reference.repository}"
-        # Full jitter, so that gateways cut off together do not all retry together.
-        self._backoff = tenacity.wait_random_exponential(
-            multiplier=retry.initial_s, max=retry.max_s
-        )
         self._client = httpx2.AsyncClient(
             auth=_RegistryAuth(reference.registry, reference.repository, credentials),
             verify=ssl_context or ssl.create_default_context(),
@@ -208,7 +204,8 @@ class RegistryClient:
     # -- requests and retries --------------------------------------------------------------------
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        delay = self._backoff(state)
+        # Full jitter, so that gateways cut off together do not all retry together.
+        delay = self.retry.backoff.delay(state.attempt_number)
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _RetryableStatus) and exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.retry.max_s))

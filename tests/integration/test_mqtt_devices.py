@@ -1,6 +1,6 @@
 """MQTT devices against a real mosquitto: the driver reads the latest message of a topic at a
 JSON path, writes publish, a broker that goes away and comes back is reconnected to; and the
-trio-driven ``MqttLink`` the eventbus uses keeps its subscriptions across a broker restart."""
+trio-driven ``MqttClient`` the eventbus uses keeps its subscriptions across a broker restart."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import trio
 
+from edge.backoff import Backoff
 from edge.devices.drivers.base import DriverError
-from edge.devices.drivers.mqtt import Message, MqttLink, open_mqtt
+from edge.devices.drivers.mqtt import open_mqtt
 from edge.devices.model import DeviceConfig, parse_device
+from edge.mqtt import Message, MqttClient
 from tests import mqttkit
 from tests.mqttkit import Mosquitto, TestClient
 from tests.waiting import eventually
@@ -142,8 +144,8 @@ async def test_broker_away_is_disconnected_then_reconnects(mosquitto: Mosquitto)
 
 async def test_link_resubscribes_after_broker_restart(mosquitto: Mosquitto) -> None:
     received: list[Message] = []
-    link = MqttLink(mosquitto.url, subscriptions=["a/#"], on_message=received.append,
-                    backoff=(0.05, 0.2), mqtt5=True, no_local=True)  # fmt: skip
+    link = MqttClient(mosquitto.url, subscriptions=["a/#"], on_message=received.append,
+                      backoff=Backoff(0.05, 0.2), mqtt5=True, no_local=True)  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(link.run)
         with trio.fail_after(5):

@@ -18,8 +18,9 @@ from bluepy's queue at each ``read`` (``waitForNotifications(0)``), so no task o
 needed; before the first notification it is read directly when the characteristic allows it.
 
 A connection that fails or drops is made again at the next call, but not before a backoff
-(exponential from 0.5 s, capped at 30 s, with full jitter) has passed since the last failure;
-calls in between fail at once with ``Disconnected``.
+(``BACKOFF``: exponential from 0.5 s, capped at 30 s, with full jitter, started over once a
+connection stayed up for 30 s) has passed since the last failure; calls in between fail at once
+with ``Disconnected``.
 
 ``btle``: the boundary to bluepy. It is the ``bluepy.btle`` module by default; a stand-in with
 the same surface (``Peripheral(mac, addrType, iface)``, ``DefaultDelegate``, ``BTLEException``,
@@ -32,12 +33,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import random
 import time
 from typing import Any
 
 import trio
 
+from edge.backoff import Backoff, Retries
 from edge.devices.drivers.base import (
     DISCONNECTED,
     ILLEGAL_ADDRESS,
@@ -52,8 +53,7 @@ from edge.devices.values import decode_bytes, encode_bytes
 
 log = logging.getLogger("edge.devices.ble")
 
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 30.0
+BACKOFF = Backoff(base_s=0.5, cap_s=30.0, stable_s=30.0)
 DEFAULT_TIMEOUT_S = 2.0
 CCCD_UUID = 0x2902  # Client Characteristic Configuration: b"\x01\x00" turns notifications on
 ENABLE_NOTIFY = b"\x01\x00"
@@ -98,7 +98,7 @@ class BleDriver:
         self._stale: Any = None  # a peripheral whose connection was lost, to disconnect
         self._chars: dict[str, Any] = {}  # full UUID -> bluepy Characteristic
         self._notified: dict[int, bytes] = {}  # value handle -> latest notification
-        self._delay = BACKOFF_MIN_S
+        self._retries = Retries(BACKOFF)
         self._next_attempt = 0.0
         self._closed = False
         self.connects = 0
@@ -209,7 +209,7 @@ class BleDriver:
         except DriverError:
             self._failed()
             raise
-        self._delay = BACKOFF_MIN_S
+        self._retries.succeeded(time.monotonic())
         self.connects += 1
         log.info("ble device connected", extra={"device": self.key, "mac": self.mac})
 
@@ -265,8 +265,8 @@ class BleDriver:
 
     def _failed(self) -> None:
         self._peripheral = None
-        self._next_attempt = time.monotonic() + random.uniform(0, self._delay)
-        self._delay = min(BACKOFF_MAX_S, self._delay * 2)
+        now = time.monotonic()
+        self._next_attempt = now + self._retries.failed(now)
 
 
 def _text(exc: BaseException) -> str:

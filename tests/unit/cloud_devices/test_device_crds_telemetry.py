@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from cloud.cli import cli
 from cloud.devices import crds
-from cloud.devices.telemetry import Reading, parse_mqtt_url
+from cloud.devices.telemetry import Reading
+from edge.mqtt import parse_broker_url
 
 
 def by_kind() -> dict[str, dict]:
@@ -79,11 +80,11 @@ def test_telemetry_mqtt_must_be_an_mqtt_url() -> None:
     result = CliRunner().invoke(cli, ["serve", "--telemetry-mqtt", "http://x"])
     assert result.exit_code == 2
     assert "mqtt://" in result.output
-    assert parse_mqtt_url("mqtt://broker") == ("broker", 1883)
-    assert parse_mqtt_url("mqtt://127.0.0.1:18830") == ("127.0.0.1", 18830)
+    assert parse_broker_url("mqtt://broker") == ("broker", 1883)
+    assert parse_broker_url("mqtt://127.0.0.1:18830") == ("127.0.0.1", 18830)
     for bad in ("broker:1883", "mqtt://", "mqtt://h:99999"):
         with pytest.raises(ValueError, match=r"mqtt:|port"):
-            parse_mqtt_url(bad)
+            parse_broker_url(bad)
 
 
 def test_a_reading_names_its_node_namespace_and_device() -> None:

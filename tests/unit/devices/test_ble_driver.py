@@ -11,6 +11,7 @@ import threading
 import pytest
 import trio
 
+from edge.backoff import Backoff
 from edge.devices import drivers
 from edge.devices.drivers import Buses, ble
 from edge.devices.drivers.base import DriverError
@@ -71,8 +72,7 @@ def sensor(sim: SimulatedBtle, mac: str = "AA:BB:CC:DD:EE:01") -> SimDevice:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ble, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(ble, "BACKOFF_MAX_S", 0.2)
+    monkeypatch.setattr(ble, "BACKOFF", Backoff(base_s=0.05, cap_s=0.2))
 
 
 async def test_reads_and_writes_by_uuid() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.backoff import Backoff
 from edge.devices.model import DeviceConfig, PropertyConfig
 from edge.devices.twin import (
     OFFLINE,
@@ -22,7 +23,6 @@ from edge.devices.twin import (
     Read,
     Report,
     Write,
-    backoff_s,
 )
 from edge.devices.values import decode_registers, encode_registers
 from edge.wire.events import Op
@@ -307,8 +307,8 @@ def test_an_illegal_address_backs_off_that_property_only() -> None:
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
-    assert [backoff_s(n, 0.5, 4.0) for n in range(6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
-    assert backoff_s(10_000, 1.0, 30.0) == 30.0
+    assert [Backoff(0.5, 4.0).ceiling(n) for n in range(6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
+    assert Backoff(1.0, 30.0).ceiling(10_000) == 30.0
 
 
 def test_a_driver_that_does_not_open_counts_as_a_device_failure() -> None:

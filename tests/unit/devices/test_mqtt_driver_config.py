@@ -8,8 +8,9 @@ import pytest
 from edge.devices import drivers
 from edge.devices.drivers import Buses
 from edge.devices.drivers.base import DriverError
-from edge.devices.drivers.mqtt import MqttDriver, parse_broker_url
+from edge.devices.drivers.mqtt import MqttDriver
 from edge.devices.model import DeviceConfig, parse_device
+from edge.mqtt import parse_broker_url
 
 MODEL = {
     "metadata": {"name": "m", "namespace": "default"},
