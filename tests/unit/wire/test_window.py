@@ -67,22 +67,3 @@ def test_a_batch_with_a_gap_changes_nothing() -> None:
         receiver.accept(batch)
     assert receiver.expected == 1
     assert [m.seq for m in receiver.accept(batch[:1])] == [1]
-
-
-def test_a_bad_frame_does_not_settle_the_ack_it_carries() -> None:
-    from edge.wire.connection import Connection, Role
-    from edge.wire.events import Batch, Message
-
-    edge = Connection(Role.EDGE, now=0, inflight=InFlight(8), receiver=ReceiveWindow())
-    cloud = Connection(Role.CLOUD, now=0)
-    [hello] = cloud.receive(edge.hello("gw"), 0)
-    welcome, _ = cloud.accept(hello.hello, inflight=InFlight(8), receiver=ReceiveWindow())
-    edge.receive(welcome, 0)
-    edge.inflight.hold(Message(1, "r", Op.STATUS, "ns/Pod/p"))
-    edge.outgoing(0)
-    from edge.wire import codec
-
-    gap = codec.encode(Batch(1, (Message(2, "m", Op.PUT, "ns/Pod/p"),)))
-    with pytest.raises(ProtocolError):
-        edge.receive(gap, 0)
-    assert len(edge.inflight) == 1  # still held: the shell never heard it was settled
