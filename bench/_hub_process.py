@@ -53,6 +53,7 @@ from trio_websocket import ConnectionClosed, wrap_server_stream  # noqa: E402
 
 from cloud.hub.server import Hub, HubSettings, tune_gc  # noqa: E402
 from cloud.hub.source import MemorySource  # noqa: E402
+from cloud.hub.streams import NodeStreams  # noqa: E402
 from cloud.hub.tls import server_context  # noqa: E402
 
 FANOUT_KEY = "ns/ConfigMap/fanout"
@@ -161,15 +162,15 @@ class Subject:
             (folder / "server.key").read_bytes(),
             (folder / "ca.pem").read_bytes(),
         )
-        self.source = MemorySource()
+        streams = NodeStreams()
+        self.source = MemorySource(streams)
         settings = HubSettings(host=args.host, port=0)
         if args.max_handshakes:
             settings.max_handshakes = args.max_handshakes
         if args.heartbeat_s:
             settings.heartbeat_s = args.heartbeat_s
         self.settings = settings
-        self.hub = Hub(settings, self.ssl_context, source=self.source)
-        self.source.sink = self.hub
+        self.hub = Hub(settings, self.ssl_context, streams=streams, source=self.source)
         tune_gc()  # as outpost-cloud serve does
         self.held = 0  # connections held by a bare layer server
         self.gc = GcPauses()

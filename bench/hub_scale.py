@@ -85,7 +85,7 @@ from bench._hub_process import (  # noqa: E402
     node_name,
     raise_nofile,
 )
-from cloud.hub.server import NODE_ORGANIZATION  # noqa: E402
+from cloud.pki import NODE_ORGANIZATION  # noqa: E402
 from edge.websocket import CONNECT_PATH, retry_after_header  # noqa: E402
 from edge.wire import codec  # noqa: E402
 from edge.wire.codec import ProtocolError  # noqa: E402

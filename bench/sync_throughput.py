@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from cloud.hub.server import Hub, HubSettings  # noqa: E402
 from cloud.hub.source import MemorySource  # noqa: E402
+from cloud.hub.streams import NodeStreams  # noqa: E402
 from cloud.hub.tls import server_context  # noqa: E402
 from edge.hub.client import EdgeHub  # noqa: E402
 from edge.store import Store  # noqa: E402
@@ -38,14 +39,19 @@ NODE = "bench-node"
 
 async def serve_hub(folder: Path) -> None:
     """The child: a hub on a free port; reads "go N B" on stdin, publishes, reports the acks."""
-    source = MemorySource()
+    streams = NodeStreams()
+    source = MemorySource(streams)
     tls = server_context(
         (folder / "server.crt").read_bytes(),
         (folder / "server.key").read_bytes(),
         (folder / "ca.crt").read_bytes(),
     )
-    hub = Hub(HubSettings(host="127.0.0.1", port=0, queue_capacity=1_000_000), tls, source=source)
-    source.sink = hub
+    hub = Hub(
+        HubSettings(host="127.0.0.1", port=0, queue_capacity=1_000_000),
+        tls,
+        streams=streams,
+        source=source,
+    )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(hub.run)
         print(f"port {port}", flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -15,12 +15,13 @@ import trio
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 
-from cloud import bootstrap, installer, kube, pki
+from cloud import bootstrap, defaults, installer, kube, pki
 from cloud.devices import crds
 from cloud.hub.metrics import HubMetrics, serve_metrics
 from cloud.hub.ownership import Ownership, default_replica_id
 from cloud.hub.reports import Fanout, ReportLog, ReportSink
 from cloud.hub.server import Hub, HubSettings, tune_gc
+from cloud.hub.streams import NodeStreams
 from cloud.hub.tls import server_context
 from cloud.hub.watermarks import WatermarkStore
 from cloud.mirror import controller_metrics as controller_metrics
@@ -45,7 +46,7 @@ class ServeOptions:
     advertise_url: str | None = None
     # The one-line installer (cloud.installer): on only with a release folder.
     releases: Path | None = None
-    installer_listen: tuple[str, int] = ("0.0.0.0", 8444)
+    installer_listen: tuple[str, int] = defaults.INSTALLER_LISTEN
     release_key: Path | None = None
 
 
@@ -93,41 +94,42 @@ async def serve(options: ServeOptions) -> None:
             log.info("connected to Kubernetes", extra={"server": info.server, "nodes": info.nodes})
             ca = await pki.load_or_create_ca(client)
             await install_crds(client, config.get().cluster.server)
-            options.controller.install_crds = False  # done: the controller need not again
             sans = sorted({*default_sans(options.listen[0]), *options.tls_sans})
             cert_pem, key_pem = ca.issue_server_cert(sans)
             watermarks = WatermarkStore(client)
             loaded = await watermarks.load()
-            controller = EdgeController(client, options.controller)
-            source = controller.source
+            streams = NodeStreams()
+            # The CRDs are installed above: the controller need not again.
+            controller = EdgeController(
+                client, streams, replace(options.controller, install_crds=False)
+            )
             sink: ReportSink = controller.reports
             if options.report_log is not None:
                 report_log = ReportLog(options.report_log)
                 sink = Fanout(controller.reports, report_log)
-            settings = options.settings
-            settings.host, settings.port = options.listen
             metrics = HubMetrics()
             controller_metrics.register(metrics.registry, controller)
-            ownership = Ownership(
-                client,
-                options.replica_id or default_replica_id(),
-                options.advertise_url or default_advertise_url(options.listen),
-            )
             hub = Hub(
-                settings,
+                replace(options.settings, host=options.listen[0], port=options.listen[1]),
                 server_context(cert_pem, key_pem, ca.cert_pem),
-                source=source,
+                streams=streams,
+                source=controller.source,
                 sink=sink,
                 watermarks=watermarks,
                 metrics=metrics,
                 lifecycle=controller.nodes,
-                ownership=ownership,
+                ownership=partial(
+                    Ownership,
+                    client,
+                    options.replica_id or default_replica_id(),
+                    options.advertise_url or default_advertise_url(options.listen),
+                ),
                 routes={
                     CA_PATH: partial(bootstrap.serve_ca, ca=ca),
                     JOIN_PATH: partial(bootstrap.serve_join, kube=client, ca=ca),
                 },
             )
-            source.sink = hub
+            assert hub.ownership is not None
             log.info(
                 "hub state loaded",
                 extra={
@@ -149,7 +151,7 @@ async def serve(options: ServeOptions) -> None:
             tune_gc()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(controller.run)
-                await nursery.start(ownership.run)
+                await nursery.start(hub.ownership.run)
                 await nursery.start(hub.run)
                 if options.metrics_listen is not None:
                     port = await nursery.start(serve_metrics, metrics, *options.metrics_listen)

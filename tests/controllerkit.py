@@ -19,6 +19,7 @@ import trio
 from lightkube import AsyncClient
 
 from cloud.hub.server import Hub, HubSettings
+from cloud.hub.streams import NodeStreams
 from cloud.mirror.controller import ControllerSettings, EdgeController
 from edge.hub.client import EdgeHub
 from edge.store import Store
@@ -61,15 +62,16 @@ async def start_controller(
     kube: AsyncClient, folder: Path, nursery: trio.Nursery, settings: ControllerSettings
 ) -> Cloud:
     pki = Pki.create(folder / "pki")
-    controller = EdgeController(kube, settings)
+    streams = NodeStreams()
+    controller = EdgeController(kube, streams, settings)
     hub = Hub(
         HubSettings(host="127.0.0.1", port=0, heartbeat_s=2),
         pki.server_context(),
+        streams=streams,
         source=controller.source,
         sink=controller.reports,
         lifecycle=controller.nodes,
     )
-    controller.source.sink = hub
     nursery.start_soon(controller.run)
     with trio.fail_after(60):
         await controller.source.ready.wait()

@@ -10,8 +10,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.hub.server import NODE_ORGANIZATION
 from cloud.hub.tls import server_context
+from cloud.pki import NODE_ORGANIZATION
 from edge.hub.client import HubConfig
 from tests.cluster.certs import CertificateAuthority, KeyPair
 

@@ -34,6 +34,7 @@ from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.types import PatchType
 
+from cloud import defaults
 from cloud.devices import API_VERSION, DeviceStatus
 from cloud.mirror.kube_events import TokenBucket
 from cloud.mirror.kube_retry import transient
@@ -190,9 +191,9 @@ class DeviceStatusWriter:
         self,
         kube: AsyncClient,
         *,
-        interval_s: float = 2.0,
-        qps: float = 20.0,
-        burst: int = 40,
+        interval_s: float = defaults.DEVICE_STATUS_INTERVAL_S,
+        qps: float = defaults.DEVICE_STATUS_QPS,
+        burst: int = defaults.DEVICE_STATUS_BURST,
         concurrency: int = 8,
         current: Callable[[str, str], str | None] | None = None,
     ) -> None:

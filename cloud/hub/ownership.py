@@ -156,6 +156,23 @@ def _replica_view(lease: Lease) -> ReplicaView:
     )
 
 
+class Holdings:
+    """The nodes this replica holds, and until when (trio clock) its own Lease vouches for them.
+
+    ``Ownership`` keeps it; the hub's watermark flusher reads it, to write the marks of held
+    nodes only. It stands apart so that the flusher, which the ownership calls before it
+    releases nodes, can be built first.
+    """
+
+    def __init__(self) -> None:
+        # node -> resourceVersion of our last write to its lease, while we hold it.
+        self.owned: dict[str, str] = {}
+        self.valid_until = -math.inf
+
+    def owns(self, node: str) -> bool:
+        return node in self.owned and trio.current_time() < self.valid_until
+
+
 class Ownership:
     """This replica's share of the nodes. ``run`` keeps its replica Lease and releases nodes
     whose sessions have ended; the hub asks ``claim`` for every connecting node, and calls
@@ -174,6 +191,7 @@ class Ownership:
         *,
         namespace: str = NAMESPACE,
         duration_s: int = DEFAULT_DURATION_S,
+        holdings: Holdings | None = None,
         before_release: Callable[[list[str]], Awaitable[bool]] | None = None,
         on_lost: Callable[[list[str]], None] | None = None,
     ) -> None:
@@ -184,12 +202,11 @@ class Ownership:
         self.duration_s = duration_s
         self.before_release = before_release
         self.on_lost = on_lost
-        # node -> resourceVersion of our last write to its lease, while we hold it...
-        self.owned: dict[str, str] = {}
-        # ...and after we released it, until someone else writes it.
+        self.holdings = holdings if holdings is not None else Holdings()
+        # node -> resourceVersion of our last write to its lease after we released it, until
+        # someone else writes it.
         self.released: dict[str, str] = {}
         self.claims: Counter[str] = Counter()
-        self.valid_until = -math.inf
         self._lease: Lease | None = None
         self._locks: dict[str, trio.Lock] = {}
         self._forgotten_at = -math.inf
@@ -199,7 +216,7 @@ class Ownership:
         return self.duration_s / 3
 
     def owns(self, node: str) -> bool:
-        return node in self.owned and trio.current_time() < self.valid_until
+        return self.holdings.owns(node)
 
     # -- the replica Lease --------------------------------------------------------------------
 
@@ -225,11 +242,11 @@ class Ownership:
             await self._release_idle()
             await self._forget_dead_replicas()
             # Wake in time to stop serving if renewals keep failing.
-            deadline = self.valid_until - trio.current_time()
-            await trio.sleep(max(0.05, min(wait, deadline)) if self.owned else wait)
+            deadline = self.holdings.valid_until - trio.current_time()
+            await trio.sleep(max(0.05, min(wait, deadline)) if self.holdings.owned else wait)
 
     def _valid_s(self) -> float:
-        return round(self.valid_until - trio.current_time(), 1)
+        return round(self.holdings.valid_until - trio.current_time(), 1)
 
     async def _renew(self) -> None:
         started = trio.current_time()
@@ -276,17 +293,17 @@ class Ownership:
                 await self._renew()
                 return
         margin = min(FENCE_MARGIN_S, self.duration_s / 4)
-        self.valid_until = started + self.duration_s - margin
+        self.holdings.valid_until = started + self.duration_s - margin
 
     def _fence_if_lapsed(self) -> None:
-        if trio.current_time() < self.valid_until or not self.owned:
+        if trio.current_time() < self.holdings.valid_until or not self.holdings.owned:
             return
-        lost = sorted(self.owned)
+        lost = sorted(self.holdings.owned)
         log.error(
             "replica lease lapsed, no longer serving its nodes",
             extra={"replica": self.id, "nodes": len(lost)},
         )
-        self.owned.clear()
+        self.holdings.owned.clear()
         self.released.clear()
         if self.on_lost is not None:
             self.on_lost(lost)
@@ -300,9 +317,11 @@ class Ownership:
         except KubeErrors as exc:
             log.warning("cannot delete the replica lease", extra={"error": str(exc)})
             return
-        log.info("replica lease deleted", extra={"replica": self.id, "nodes": len(self.owned)})
+        log.info(
+            "replica lease deleted", extra={"replica": self.id, "nodes": len(self.holdings.owned)}
+        )
         self._lease = None
-        self.owned.clear()
+        self.holdings.owned.clear()
 
     async def _forget_dead_replicas(self) -> None:
         now = trio.current_time()
@@ -329,7 +348,7 @@ class Ownership:
     async def claim(self, node: str) -> Owned | Elsewhere:
         """Take ``node`` for a connection, unless a live replica holds it. On ``Owned`` the
         caller must call ``unclaim`` once the connection is over."""
-        if trio.current_time() >= self.valid_until:
+        if trio.current_time() >= self.holdings.valid_until:
             raise OwnershipUnavailable("this replica is not renewing its lease")
         async with self._lock(node):
             if self.owns(node):
@@ -378,7 +397,7 @@ class Ownership:
                     continue  # someone else wrote it first; look again
                 raise
             self.released.pop(node, None)
-            self.owned[node] = written.metadata.resourceVersion
+            self.holdings.owned[node] = written.metadata.resourceVersion
             if holder and holder != self.id:
                 log.info("took a node over", extra={"node": node, "from": holder})
             return Owned(continuous=continuous)
@@ -423,8 +442,8 @@ class Ownership:
         return _replica_view(lease)
 
     async def _release_idle(self) -> None:
-        idle = [node for node in self.owned if not self.claims.get(node)]
-        if not idle or trio.current_time() >= self.valid_until:
+        idle = [node for node in self.holdings.owned if not self.claims.get(node)]
+        if not idle or trio.current_time() >= self.holdings.valid_until:
             return
         if self.before_release is not None and not await self.before_release(idle):
             return
@@ -435,7 +454,7 @@ class Ownership:
 
     async def _release(self, node: str, limiter: trio.CapacityLimiter) -> None:
         async with limiter, self._lock(node):
-            if self.claims.get(node) or node not in self.owned:
+            if self.claims.get(node) or node not in self.holdings.owned:
                 return  # a connection came back meanwhile
             try:
                 lease = await self.kube.get(
@@ -456,12 +475,12 @@ class Ownership:
             except httpx2.TransportError as exc:
                 log.warning("cannot release a node", extra={"node": node, "error": str(exc)})
                 return
-            del self.owned[node]
+            del self.holdings.owned[node]
             self.released[node] = written.metadata.resourceVersion
             log.info("released a node", extra={"node": node})
 
     def _lose(self, nodes: Iterable[str]) -> None:
-        lost = [node for node in nodes if self.owned.pop(node, None) is not None]
+        lost = [node for node in nodes if self.holdings.owned.pop(node, None) is not None]
         for node in lost:
             self.released.pop(node, None)
         if lost:

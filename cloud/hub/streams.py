@@ -226,3 +226,20 @@ class NodeStream:
     @property
     def depth(self) -> int:
         return len(self.queue) + len(self.inflight)
+
+
+class NodeStreams(dict[str, NodeStream]):
+    """Every node's stream on this replica, by node name: where the source publishes each change
+    and the hub opens, restores and drains the streams. Both are given it when they are built,
+    so neither has to exist before the other."""
+
+    def publish(self, node: str, obj: SourceObject, deleted: bool) -> None:
+        """A change to one of ``node``'s objects. Nodes unknown since start are caught up from
+        their watermark when they connect, so only known streams are queued to."""
+        stream = self.get(node)
+        if stream is not None:
+            stream.offer(obj, deleted)
+
+    @property
+    def depth(self) -> int:
+        return sum(stream.depth for stream in self.values())

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import trio
 from lightkube import AsyncClient
 
+from cloud import defaults
 from cloud.devices import API_VERSION, crds
 from cloud.devices.status import DeviceStatusWriter
 from cloud.devices.telemetry import DropTelemetry, MqttTelemetry, TelemetrySink
-from cloud.mirror.edge_index import DeviceEntry
+from cloud.hub.source import Sink
+from cloud.mirror.edge_index import DeviceEntry, EdgeIndex
 from cloud.mirror.edge_source import EdgeSource
 from cloud.mirror.kube_events import EventRecorder, PodEvent, now_rfc3339
 from cloud.mirror.kube_reports import KubeReports
@@ -27,14 +29,13 @@ log = logging.getLogger("cloud.mirror")
 
 @dataclass
 class ControllerSettings:
-    lease_renew_interval_s: float = 10.0
-    lease_duration_s: int = 40
-    event_qps: float = 5.0
-    event_burst: int = 25
-    # DeviceStatus: at most one write per device per interval, and at most qps in all.
-    device_status_interval_s: float = 2.0
-    device_status_qps: float = 20.0
-    device_status_burst: int = 40
+    lease_renew_interval_s: float = defaults.LEASE_RENEW_INTERVAL_S
+    lease_duration_s: int = defaults.LEASE_DURATION_S
+    event_qps: float = defaults.EVENT_QPS
+    event_burst: int = defaults.EVENT_BURST
+    device_status_interval_s: float = defaults.DEVICE_STATUS_INTERVAL_S
+    device_status_qps: float = defaults.DEVICE_STATUS_QPS
+    device_status_burst: int = defaults.DEVICE_STATUS_BURST
     # mqtt://host:port for device telemetry; None: counted and dropped.
     telemetry_mqtt: str | None = None
     # Create or upgrade the device CRDs before watching (``serve`` does it itself, first).
@@ -42,9 +43,15 @@ class ControllerSettings:
 
 
 class EdgeController:
-    def __init__(self, kube: AsyncClient, settings: ControllerSettings | None = None) -> None:
+    """``sink`` takes every change to what a node holds: the hub's node streams."""
+
+    def __init__(
+        self, kube: AsyncClient, sink: Sink, settings: ControllerSettings | None = None
+    ) -> None:
         settings = settings or ControllerSettings()
-        self.source = EdgeSource(kube)
+        self.kube = kube
+        self.settings = settings
+        self.index = EdgeIndex(sink.publish)
         self.nodes = NodeKeeper(
             kube,
             renew_interval_s=settings.lease_renew_interval_s,
@@ -56,29 +63,27 @@ class EdgeController:
             interval_s=settings.device_status_interval_s,
             qps=settings.device_status_qps,
             burst=settings.device_status_burst,
-            current=self._device_uid,
+            current=self.index.device_uid,
         )
         self.telemetry: TelemetrySink = (
             MqttTelemetry(settings.telemetry_mqtt) if settings.telemetry_mqtt else DropTelemetry()
         )
+        self.source = EdgeSource(
+            kube,
+            self.index,
+            # As a kubelet does: a Node deleted while its gateway is connected is made again.
+            on_node_deleted=self.nodes.register,
+            on_device_problem=self._device_problem,
+            on_device_deleted=self.device_status.forget,
+        )
         self.reports = KubeReports(
             kube,
-            self.source.index,
+            self.index,
             self.nodes,
             self.events,
             device_status=self.device_status,
             telemetry=self.telemetry,
         )
-        self.kube = kube
-        self.settings = settings
-        # As a kubelet does: a Node deleted while its gateway is connected is made again.
-        self.source.on_node_deleted = self.nodes.register
-        self.source.on_device_problem = self._device_problem
-        self.source.on_device_deleted = self.device_status.forget
-
-    def _device_uid(self, namespace: str, name: str) -> str | None:
-        entry = self.source.index.device(namespace, name)
-        return entry.uid if entry else None
 
     def _device_problem(self, device: DeviceEntry, reason: str, message: str) -> None:
         self.events.record(

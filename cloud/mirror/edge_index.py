@@ -190,6 +190,10 @@ class EdgeIndex:
         uid = self.device_keys.get((namespace, name))
         return self.devices.get(uid) if uid else None
 
+    def device_uid(self, namespace: str, name: str) -> str | None:
+        entry = self.device(namespace, name)
+        return entry.uid if entry else None
+
     def devices_using(self, namespace: str, model: str) -> list[DeviceEntry]:
         return [d for d in self.devices.values() if d.model_id == (DEVICE_MODEL, namespace, model)]
 

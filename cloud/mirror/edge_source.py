@@ -38,7 +38,6 @@ from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, ServiceAcc
 from lightkube.types import PatchType
 
 from cloud.devices import Device, DeviceModel
-from cloud.hub.source import Sink
 from cloud.hub.streams import Positions, SourceObject, rv_number
 from cloud.mirror.edge_index import DEVICE_MODEL, DeviceEntry, EdgeIndex
 from cloud.mirror.informer import Informer
@@ -52,17 +51,29 @@ TOKEN_RETRY_S = 10.0
 
 
 class EdgeSource:
-    def __init__(self, kube: AsyncClient, sink: Sink | None = None) -> None:
+    """Watches Kubernetes into ``index``, which publishes every change to what a node holds.
+
+    ``on_node_deleted(node)``: an edge Node was deleted. ``on_device_problem(device, reason,
+    message)``: a Device its node cannot use as it stands. ``on_device_deleted(namespace,
+    name)``: a Device was deleted.
+    """
+
+    def __init__(
+        self,
+        kube: AsyncClient,
+        index: EdgeIndex,
+        *,
+        on_node_deleted: Callable[[str], None],
+        on_device_problem: Callable[[DeviceEntry, str, str], None],
+        on_device_deleted: Callable[[str, str], None],
+    ) -> None:
         self.kube = kube
-        self.sink = sink
-        self.index = EdgeIndex(self._publish)
+        self.index = index
         self.ready = trio.Event()
         self.edge_nodes: set[str] = set()
-        self.on_node_deleted: Callable[[str], None] | None = None
-        # (device, reason, message): a Device its node cannot use as it stands.
-        self.on_device_problem: Callable[[DeviceEntry, str, str], None] | None = None
-        # (namespace, name) of a Device deleted.
-        self.on_device_deleted: Callable[[str, str], None] | None = None
+        self.on_node_deleted = on_node_deleted
+        self.on_device_problem = on_device_problem
+        self.on_device_deleted = on_device_deleted
         self._missing_model: dict[str, str] = {}  # device uid -> the missing model, once said
         # Pods waiting for their tokens: uid -> latest version seen.
         self.waiting: dict[str, dict[str, Any]] = {}
@@ -105,11 +116,6 @@ class EdgeSource:
     def objects(self, node: str) -> list[SourceObject]:
         return self.index.objects_for(node)
 
-    def _publish(self, node: str, obj: SourceObject, deleted: bool) -> None:
-        # The hub is made after its source (it needs the source), and set as the sink then.
-        if self.sink is not None:
-            self.sink.publish(node, obj, deleted)
-
     # -- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -145,8 +151,7 @@ class EdgeSource:
     def _delete_node(self, node: dict[str, Any]) -> None:
         name = node["metadata"]["name"]
         self.edge_nodes.discard(name)
-        if self.on_node_deleted is not None:
-            self.on_node_deleted(name)
+        self.on_node_deleted(name)
 
     # -- pods ---------------------------------------------------------------------------------
 
@@ -195,8 +200,7 @@ class EdgeSource:
         meta = device["metadata"]
         self._missing_model.pop(meta["uid"], None)
         self.index.remove_device(meta["uid"])
-        if self.on_device_deleted is not None:
-            self.on_device_deleted(meta.get("namespace", "default"), meta["name"])
+        self.on_device_deleted(meta.get("namespace", "default"), meta["name"])
 
     def _put_model(self, model: dict[str, Any]) -> None:
         self.index.put_object(DEVICE_MODEL, model)
@@ -230,8 +234,7 @@ class EdgeSource:
         else:
             message = "spec.deviceModelRef.name is empty; the device cannot be used without a model"
         log.warning("device model missing", extra={"device": device.key, "model": device.model})
-        if self.on_device_problem is not None:
-            self.on_device_problem(device, "ModelNotFound", message)
+        self.on_device_problem(device, "ModelNotFound", message)
 
     # -- tokens -------------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Event
 from lightkube.types import PatchType
 
+from cloud import defaults
+
 log = logging.getLogger("cloud.mirror.kube_events")
 
 COMPONENT = "outpost"
@@ -101,8 +103,8 @@ class _Written:
 @dataclass
 class EventRecorder:
     kube: AsyncClient
-    qps: float = 5.0
-    burst: int = 25
+    qps: float = defaults.EVENT_QPS
+    burst: int = defaults.EVENT_BURST
     capacity: int = 1000
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
     dropped: int = 0

@@ -25,6 +25,7 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Node, NodeStatus
 from lightkube.types import PatchType
 
+from cloud import defaults
 from cloud.mirror.edge_source import EDGE_LABEL
 from cloud.mirror.kube_retry import transient
 from edge.wire.events import Hello
@@ -87,8 +88,8 @@ class NodeKeeper:
         self,
         kube: AsyncClient,
         *,
-        renew_interval_s: float = 10.0,
-        lease_duration_s: int = 40,
+        renew_interval_s: float = defaults.LEASE_RENEW_INTERVAL_S,
+        lease_duration_s: int = defaults.LEASE_DURATION_S,
         concurrency: int = 32,
     ) -> None:
         self.kube = kube

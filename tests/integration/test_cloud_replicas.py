@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from cloud.hub.ownership import (
 )
 from cloud.hub.server import Hub, HubSettings
 from cloud.hub.source import MemorySource
+from cloud.hub.streams import NodeStreams
 from edge.hub.client import EdgeHub
 from edge.store import Store
 from edge.store.aio import AsyncStore
@@ -51,9 +53,20 @@ async def namespace(kube: AsyncClient, request: pytest.FixtureRequest) -> AsyncI
     await kube.delete(Namespace, name)
 
 
-def replica(kube: AsyncClient, namespace: str, name: str, duration_s: int = 3) -> Ownership:
+def replica(
+    kube: AsyncClient,
+    namespace: str,
+    name: str,
+    duration_s: int = 3,
+    before_release: Callable[[list[str]], Awaitable[bool]] | None = None,
+) -> Ownership:
     return Ownership(
-        kube, name, f"https://{name}.example:8443", namespace=namespace, duration_s=duration_s
+        kube,
+        name,
+        f"https://{name}.example:8443",
+        namespace=namespace,
+        duration_s=duration_s,
+        before_release=before_release,
     )
 
 
@@ -96,7 +109,6 @@ async def test_a_node_is_served_by_one_replica_and_redirected_by_the_other(
 async def test_a_node_whose_connections_ended_is_released_after_its_watermark_is_written(
     kube: AsyncClient, namespace: str, nursery: trio.Nursery
 ) -> None:
-    a, b = replica(kube, namespace, "ra"), replica(kube, namespace, "rb")
     flushed: list[list[str]] = []
 
     async def before_release(nodes: list[str]) -> bool:
@@ -105,7 +117,8 @@ async def test_a_node_whose_connections_ended_is_released_after_its_watermark_is
         flushed.append(nodes)
         return True
 
-    a.before_release = before_release
+    a = replica(kube, namespace, "ra", before_release=before_release)
+    b = replica(kube, namespace, "rb")
     await nursery.start(a.run)
     await nursery.start(b.run)
     await a.claim("gw-1")
@@ -200,16 +213,19 @@ async def test_an_edge_that_reaches_the_wrong_replica_is_redirected_to_the_owner
     hubs = {}
     for name in ("ra", "rb"):
         port = free_port()
-        source = MemorySource()
-        ownership = Ownership(kube, name, f"https://127.0.0.1:{port}", namespace=namespace)
+        streams = NodeStreams()
+        source = MemorySource(streams)
         hub = Hub(
             HubSettings(host="127.0.0.1", port=port, heartbeat_s=1),
             pki.server_context(),
+            streams=streams,
             source=source,
-            ownership=ownership,
+            ownership=partial(
+                Ownership, kube, name, f"https://127.0.0.1:{port}", namespace=namespace
+            ),
         )
-        source.sink = hub
-        await nursery.start(ownership.run)
+        assert hub.ownership is not None
+        await nursery.start(hub.ownership.run)
         await nursery.start(hub.run)
         source.put("gw-1", "ns/ConfigMap/from", {"replica": name}, uid=f"{name}-1")
         hubs[name] = hub

@@ -16,6 +16,7 @@ import trio_websocket
 from cloud.hub.reports import ReportLog
 from cloud.hub.server import Hub, HubSettings
 from cloud.hub.source import MemorySource
+from cloud.hub.streams import NodeStreams
 from edge.hub.client import EdgeHub, HubConfig, LinkDown
 from edge.store import Store
 from edge.store.aio import AsyncStore
@@ -37,15 +38,16 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 async def cloud(pki: Pki, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Cloud]:
-    source = MemorySource()
+    streams = NodeStreams()
+    source = MemorySource(streams)
     reports = ReportLog(tmp_path / "reports.jsonl")
     hub = Hub(
         HubSettings(host="127.0.0.1", port=0, heartbeat_s=2),
         pki.server_context(),
+        streams=streams,
         source=source,
         sink=reports,
     )
-    source.sink = hub
     await nursery.start(hub.run)
     yield Cloud(hub, source, reports)
     reports.close()
@@ -293,7 +295,7 @@ async def test_a_busy_hub_turns_connections_away_with_retry_after(
 async def test_a_starting_hub_asks_edges_to_come_back_later(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    source = MemorySource()
+    source = MemorySource(NodeStreams())
     source.ready = trio.Event()
     hub = Hub(HubSettings(host="127.0.0.1", port=0), pki.server_context(), source=source)
     await nursery.start(hub.run)

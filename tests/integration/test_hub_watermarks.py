@@ -14,7 +14,7 @@ from lightkube.resources.core_v1 import ConfigMap
 
 from cloud.hub.server import Hub, HubSettings
 from cloud.hub.source import MemorySource
-from cloud.hub.streams import NodeStream
+from cloud.hub.streams import NodeStream, NodeStreams
 from cloud.hub.watermarks import WatermarkStore, shard_name, shard_of
 from edge.hub.client import EdgeHub
 from edge.store import Store
@@ -31,16 +31,17 @@ async def test_watermarks_are_written_in_batches_and_resume_a_restarted_hub(
 ) -> None:
     pki = Pki.create(tmp_path / "pki")
     namespace = "outpost-wm-test"
-    source = MemorySource()
+    streams = NodeStreams()
+    source = MemorySource(streams)
     marks = WatermarkStore(kube, namespace=namespace)
     await marks.load()
     hub = Hub(
         HubSettings(host="127.0.0.1", port=0, flush_interval_s=0.5),
         pki.server_context(),
+        streams=streams,
         source=source,
         watermarks=marks,
     )
-    source.sink = hub
     nodes = [f"wm-{i}" for i in range(3)]
     async with trio.open_nursery() as cloud:
         await cloud.start(hub.run)
@@ -85,7 +86,6 @@ async def test_watermarks_are_written_in_batches_and_resume_a_restarted_hub(
         source=source,
         watermarks=reloaded,
     )
-    source.sink = second
     async with trio.open_nursery() as cloud:
         await cloud.start(second.run)
         async with trio.open_nursery() as edges:
