@@ -79,50 +79,56 @@ class MqttError(Exception):
     """The connection could not be made, was refused, or was lost; the message says which."""
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a session asks of the broker at ``host:port``.
+
+    ``subscriptions`` are made with ``qos``, which is also the default of ``publish``;
+    ``timeout_s`` bounds each step of a connect. ``no_local`` (MQTT 5) keeps the broker from
+    echoing this client's own publications back to it, for a user that publishes and
+    subscribes the same topics.
+    """
+
+    host: str
+    port: int
+    client_id: str
+    subscriptions: tuple[str, ...] = ()
+    qos: int = 1
+    keepalive: int = 30
+    timeout_s: float = 5.0
+    mqtt5: bool = False
+    no_local: bool = False
+    max_queued: int = MAX_QUEUED
+
+
 class Session:
-    """One connection to the broker at ``host:port``; see the module's docstring.
+    """One connection, as ``settings`` say; see the module's docstring.
 
     ``on_message(Message)`` and ``on_ready()`` are called in the trio thread and must not block;
     ``on_ready`` is called once, when the connection and its subscriptions are acknowledged.
-    ``no_local`` (MQTT 5) keeps the broker from echoing this client's own publications back to
-    it, for a user that publishes and subscribes the same topics.
     """
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        settings: Settings,
         *,
-        client_id: str,
-        subscriptions: Iterable[str] = (),
-        qos: int = 1,
-        keepalive: int = 30,
-        timeout_s: float = 5.0,
-        mqtt5: bool = False,
-        no_local: bool = False,
-        max_queued: int = MAX_QUEUED,
         on_message: Callable[[Message], None] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
-        self.host, self.port = host, port
-        self.subscriptions = list(subscriptions)
-        self.qos = qos
-        self.keepalive = keepalive
-        self.timeout_s = timeout_s
-        self.mqtt5 = mqtt5 or no_local
-        self.no_local = no_local
+        self.settings = settings
         self.on_message = on_message
         self.on_ready = on_ready
         self.ready = False
         self.lost = trio.Event()
         self.why = ""
+        self._mqtt5 = settings.mqtt5 or settings.no_local
         self._client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5 if self.mqtt5 else paho.MQTTv311,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5 if self._mqtt5 else paho.MQTTv311,
         )
-        self._client.connect_timeout = timeout_s
-        self._client.max_queued_messages_set(max_queued)
+        self._client.connect_timeout = settings.timeout_s
+        self._client.max_queued_messages_set(settings.max_queued)
         self._sock: Any = None
         self._refused = ""
         self._subscribing: int | None = None
@@ -137,14 +143,16 @@ class Session:
     async def connect(self) -> None:
         """Connect and subscribe, within ``timeout_s`` for each step; ``MqttError`` if the
         broker cannot be reached, refuses, or does not acknowledge in time."""
-        client = self._client
+        client, settings = self._client, self.settings
         # The connect runs in a worker thread before any of our callbacks are installed, so
         # paho writes the CONNECT packet itself there; from here on only this thread touches
         # the client.
         try:
-            with trio.fail_after(self.timeout_s + 1):
+            with trio.fail_after(settings.timeout_s + 1):
                 await trio.to_thread.run_sync(
-                    functools.partial(client.connect, self.host, self.port, self.keepalive),
+                    functools.partial(
+                        client.connect, settings.host, settings.port, settings.keepalive
+                    ),
                     abandon_on_cancel=True,
                 )
         except (OSError, trio.TooSlowError) as exc:
@@ -159,7 +167,7 @@ class Session:
         client.on_disconnect = lambda *_: self._lose("the broker closed the connection")
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = lambda *_: self._write_wanted.set()
-        with trio.move_on_after(self.timeout_s), contextlib.suppress(MqttError):
+        with trio.move_on_after(settings.timeout_s), contextlib.suppress(MqttError):
             await self.run_until(lambda: self.ready)
         if self.ready:
             return
@@ -168,25 +176,22 @@ class Session:
         if self.lost.is_set():
             raise MqttError(f"connection lost: {self.why}")
         self._lose("no CONNACK/SUBACK")
-        raise MqttError(f"no CONNACK/SUBACK in {self.timeout_s:g}s")
+        raise MqttError(f"no CONNACK/SUBACK in {settings.timeout_s:g}s")
 
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             self._refused = str(reason)
             self._lose(f"refused: {reason}")
             return
-        if not self.subscriptions:
+        topics, qos = self.settings.subscriptions, self.settings.qos
+        if not topics:
             self._ready()
             return
-        if self.mqtt5:
-            options = SubscribeOptions(qos=self.qos, noLocal=self.no_local)
-            _rc, self._subscribing = self._client.subscribe(
-                [(t, options) for t in self.subscriptions]
-            )
+        if self._mqtt5:
+            options = SubscribeOptions(qos=qos, noLocal=self.settings.no_local)
+            _rc, self._subscribing = self._client.subscribe([(t, options) for t in topics])
         else:
-            _rc, self._subscribing = self._client.subscribe(
-                [(t, self.qos) for t in self.subscriptions]
-            )
+            _rc, self._subscribing = self._client.subscribe([(t, qos) for t in topics])
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, _codes: Any, _props: Any) -> None:
         if mid == self._subscribing:
@@ -239,7 +244,7 @@ class Session:
         if not self.ready or self.lost.is_set():
             return None
         info = self._client.publish(
-            topic, payload, qos=self.qos if qos is None else qos, retain=retain
+            topic, payload, qos=self.settings.qos if qos is None else qos, retain=retain
         )
         if info.rc != _OK:
             return None
@@ -302,7 +307,7 @@ class Session:
     async def _keep_alive(self) -> None:
         """paho sends PINGREQ and gives up on a silent broker in ``loop_misc``."""
         while True:
-            await trio.sleep(min(1.0, self.keepalive / 4))
+            await trio.sleep(min(1.0, self.settings.keepalive / 4))
             self._check(self._client.loop_misc())
 
     async def run_until(self, done: Callable[[], bool]) -> None:
@@ -328,22 +333,23 @@ class Session:
 
     async def receive(self) -> None:
         """Wait until the broker sends something, then read it."""
-        self._check()
-        try:
-            await trio.lowlevel.wait_readable(self._sock)
-        except (trio.ClosedResourceError, OSError):
-            self._lose("socket closed")
+        await self._wait_for(trio.lowlevel.wait_readable)
         self._check(self._client.loop_read())
 
     async def flush(self) -> None:
         """Send everything paho has queued."""
         while self._client.want_write():
-            self._check()
-            try:
-                await trio.lowlevel.wait_writable(self._sock)
-            except (trio.ClosedResourceError, OSError):
-                self._lose("socket closed")
+            await self._wait_for(trio.lowlevel.wait_writable)
             self._check(self._client.loop_write())
+
+    async def _wait_for(self, ready: Callable[[Any], Awaitable[None]]) -> None:
+        self._check()
+        try:
+            await ready(self._sock)
+        except (trio.ClosedResourceError, OSError):
+            self._lose("socket closed")
+        # Lost while waiting (a callback, or the socket closed under us): say so.
+        self._check()
 
     def _check(self, rc: int = _OK) -> None:
         if rc != _OK:
@@ -406,19 +412,23 @@ class MqttClient:
         no_local: bool = False,
         name: str = "mqtt",
     ) -> None:
-        self.host, self.port = parse_broker_url(url)
+        host, port = parse_broker_url(url)
+        self.settings = Settings(
+            host,
+            port,
+            client_id or f"outpost-{uuid.uuid4().hex[:12]}",
+            tuple(subscriptions),
+            qos,
+            keepalive,
+            connect_timeout,
+            mqtt5,
+            no_local,
+            max_queued,
+        )
         self.url = url
-        self.client_id = client_id or f"outpost-{uuid.uuid4().hex[:12]}"
-        self.subscriptions = list(subscriptions)
         self.on_message = on_message
         self.on_connect = on_connect
-        self.qos = qos
-        self.keepalive = keepalive
-        self.connect_timeout = connect_timeout
         self.backoff = backoff
-        self.max_queued = max_queued
-        self.mqtt5 = mqtt5
-        self.no_local = no_local
         self.name = name
         self.connects = 0  # successful connects so far (the first included)
         self._session: Session | None = None
@@ -475,18 +485,7 @@ class MqttClient:
         retries = Retries(self.backoff)
         while True:
             session = self._session = Session(
-                self.host,
-                self.port,
-                client_id=self.client_id,
-                subscriptions=self.subscriptions,
-                qos=self.qos,
-                keepalive=self.keepalive,
-                timeout_s=self.connect_timeout,
-                mqtt5=self.mqtt5,
-                no_local=self.no_local,
-                max_queued=self.max_queued,
-                on_message=self.on_message,
-                on_ready=self._ready,
+                self.settings, on_message=self.on_message, on_ready=self._ready
             )
             try:
                 await session.connect()

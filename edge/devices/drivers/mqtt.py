@@ -36,7 +36,7 @@ from edge.devices.drivers.base import (
 )
 from edge.devices.model import DeviceConfig, PropertyConfig
 from edge.devices.values import decode_json, encode_json
-from edge.mqtt import Message, MqttError, Session
+from edge.mqtt import Message, MqttError, Session, Settings
 
 log = logging.getLogger("edge.devices.mqtt")
 
@@ -66,6 +66,15 @@ class MqttDriver:
         longest = max((p.collect_s for p in device.properties), default=1.0)
         self.keepalive = int(min(65535, max(30, math.ceil(longest * 2 + 5))))
         self.topics = sorted({str(p.visitor["topic"]) for p in device.properties})
+        self._settings = Settings(
+            self.host,
+            self.port,
+            self.client_id,
+            tuple(self.topics),
+            qos=0,
+            keepalive=self.keepalive,
+            timeout_s=self.timeout,
+        )
         self.latest: dict[str, Message] = {}
         self.messages = 0  # received since opened
         self.connects = 0
@@ -126,16 +135,7 @@ class MqttDriver:
             return self._session
         # Messages from an earlier connection are not current: retained ones come again now.
         self.latest.clear()
-        session = Session(
-            self.host,
-            self.port,
-            client_id=self.client_id,
-            subscriptions=self.topics,
-            qos=0,
-            keepalive=self.keepalive,
-            timeout_s=self.timeout,
-            on_message=self._on_message,
-        )
+        session = Session(self._settings, on_message=self._on_message)
         try:
             await session.connect()
         except MqttError as exc:
