@@ -133,9 +133,10 @@ class Session:
         self._refused = ""
         self._subscribing: int | None = None
         self._write_wanted = trio.Event()
-        # PUBACKs awaited, and those that came; set (and replaced) whenever one comes.
+        # PUBACKs awaited, and those that came.
         self._awaited: set[int] = set()
         self._acked: set[int] = set()
+        # Set (and replaced) whenever one comes, or the connection is lost.
         self._progress = trio.Event()
 
     # -- connecting ----------------------------------------------------------------------------
