@@ -7,7 +7,8 @@ keeps calls in the order they were made.
 
 Every write of this process goes through ``run``, so ``feed`` sees every commit: the parts of
 the agent follow it (``feed.subscribe()``) instead of calling one another or polling the
-database. Writes by other processes (none today: the CLI only reads) would not be seen.
+database. Writes by other processes are not on the feed; the CLI only reads, and the one thing
+another process may add, a report in the outbox, the hub's sender notices on its heartbeat.
 """
 
 from __future__ import annotations

@@ -122,8 +122,7 @@ class Edge:
             meta = obj["metadata"]
             key = f"{meta['namespace']}/{obj['kind']}/{meta['name']}"
             messages.append(Message(next(self.seq), "id", Op.PUT, key, "", obj))
-        result = await self.aio.run(self.store.apply_batch, messages)
-        self.manager.changed(result.changed)
+        await self.aio.run(self.store.apply_batch, messages)  # the manager follows the feed
 
     def twin(self, name: str) -> dict[str, Any] | None:
         twins = [b for _, op, k, b in self.reports if op == Op.TWIN and k == f"plant/Device/{name}"]
