@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -63,7 +62,7 @@ from edge.wire.connection import (
     Role,
     Settled,
 )
-from edge.wire.events import Message, Op
+from edge.wire.events import Message
 from edge.wire.window import InFlight, ReceiveWindow
 
 log = logging.getLogger("edge.hub")
@@ -141,18 +140,16 @@ def _rejected(exc: ConnectionRejected, url: str) -> LinkDown:
 
 
 class EdgeHub:
-    """Run with ``await hub.run()`` in a nursery; call ``outbox_changed`` after ``report``."""
+    """Run with ``await hub.run()`` in a nursery.
 
-    def __init__(
-        self,
-        store: AsyncStore,
-        config: HubConfig,
-        link: LinkState | None = None,
-        on_applied: Callable[[tuple[str, ...]], None] | None = None,
-    ):
+    What the cloud sends is committed to the store, whose change feed tells the rest of the
+    agent. Reports go the other way through the store too: whoever queues one in the outbox
+    (``edge.upstream``) commits it, the hub sees the outbox change on the feed and sends it.
+    The link's state is kept in the store (``edge.hub.link``) for the agent to follow.
+    """
+
+    def __init__(self, store: AsyncStore, config: HubConfig, link: LinkState | None = None):
         self.store = store
-        # Told the keys of objects a downstream batch changed (the pod manager reconciles).
-        self.on_applied = on_applied
         self.config = config
         self.targets = Targets(config.cloud_urls)
         self.link = link or LinkState()
@@ -165,23 +162,19 @@ class EdgeHub:
 
     # -- the rest of the agent ----------------------------------------------------------------
 
-    def outbox_changed(self) -> None:
-        """New reports are in the outbox: send them if the link is up."""
+    def _outbox_changed(self) -> None:
+        """New reports may be in the outbox: send them if the link is up."""
         self._outbox_maybe = True
         self._wake.set()
 
-    async def report(
-        self,
-        op: Op | str,
-        key: str,
-        body: object,
-        rv: str = "",
-        coalesce_key: str | None = None,
+    async def _follow_outbox(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Queue an upstream report durably (see ``Store.report``) and send it when the link
-        allows."""
-        await self.store.run(self.store.store.report, op, key, body, rv, coalesce_key)
-        self.outbox_changed()
+        with self.store.feed.subscribe() as feed:
+            task_status.started()
+            async for changes in feed:
+                if changes.outbox or changes.everything:
+                    self._outbox_changed()
 
     # -- reconnecting -------------------------------------------------------------------------
 
@@ -320,6 +313,7 @@ class EdgeHub:
         try:
             try:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self._follow_outbox)
                     nursery.start_soon(self._read, ws, frames_send)
                     nursery.start_soon(self._apply, ws, conn, frames_recv)
                     nursery.start_soon(self._send, ws, conn)
@@ -416,8 +410,6 @@ class EdgeHub:
             if received:
                 result = await self.store.run(store.apply_batch, received)
                 conn.applied(result.hwm)
-                if result.changed and self.on_applied is not None:
-                    self.on_applied(result.changed)
                 fresh = result.applied + result.unchanged
                 log.debug(
                     "applied",
@@ -438,6 +430,7 @@ class EdgeHub:
 
     async def _send(self, ws: WebSocketConnection, conn: Connection) -> None:
         store = self.store.store
+        version = await self.store.run(lambda: store.data_version)
         while True:
             # A fresh event before the work: a wake-up during an await below is not lost.
             self._wake = trio.Event()
@@ -455,8 +448,15 @@ class EdgeHub:
                 raise LinkDown(f"cloud silent for {3 * conn.heartbeat_s:.0f} s")
             if self._outbox_maybe and conn.inflight.has_room:
                 continue
-            with trio.move_on_after(conn.heartbeat_s / 2):
+            with trio.move_on_after(conn.heartbeat_s / 2) as idle:
                 await self._wake.wait()
+            if idle.cancelled_caught:
+                # The change feed sees this process's commits only. On the heartbeat timer that
+                # runs anyway, a report another process queued is noticed too: SQLite's
+                # data_version moves when another connection commits.
+                now_version = await self.store.run(lambda: store.data_version)
+                self._outbox_maybe |= now_version != version
+                version = now_version
 
     async def _send_frames(self, ws: WebSocketConnection, frames: list[bytes]) -> None:
         try:
