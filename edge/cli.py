@@ -202,12 +202,12 @@ def join(cloud: str, token: str, node_name: str | None, data_dir: Path) -> None:
     """
     import trio
 
-    from edge import agent, identity
+    from edge import datadir, identity
 
     node = node_name or _host_node_name()
     try:
         saved = trio.run(identity.join, cloud, token, node, data_dir)
-        agent.save_cloud_url(data_dir, cloud)
+        datadir.save_cloud_url(data_dir, cloud)
     except identity.IdentityError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
@@ -232,12 +232,12 @@ def status(data_dir: Path, as_json: bool) -> None:
 
     Reads the agent's store, so it works whether or not the agent is running.
     """
-    from edge import agent
+    from edge.status import StatusError, read_status
     from edge.store import StoreError
 
     try:
-        info = agent.status(data_dir)
-    except (agent.AgentError, StoreError) as exc:
+        info = read_status(data_dir)
+    except (StatusError, StoreError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
