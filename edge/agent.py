@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from edge import defaults, sdnotify
-from edge.datadir import STORE_FILE, saved_cloud_urls
+from edge.datadir import IMAGES_DIR, STORE_FILE, saved_cloud_urls
 from edge.devices.drivers import Buses
 from edge.devices.manager import DeviceManager
 from edge.hub.link import LINK_STATE_KEY
@@ -178,7 +178,7 @@ def _pod_services(options: RunOptions, aio: AsyncStore, upstream: Upstream, node
     )
     runtime = ContainerRuntime(
         data_dir,
-        ImageStore(data_dir / "images"),
+        ImageStore(data_dir / IMAGES_DIR),
         network,
         store_objects(aio),
         node,

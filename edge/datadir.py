@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 STORE_FILE = "store.db"
+IMAGES_DIR = "images"
 CLOUD_URL_FILE = "cloud-url"
 
 

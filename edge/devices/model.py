@@ -28,7 +28,6 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 PROTOCOLS = ("modbus-rtu", "modbus-tcp", "ble", "mqtt")
 TYPES = ("INT", "FLOAT", "DOUBLE", "STRING", "BOOLEAN")
@@ -347,19 +346,22 @@ def _ble(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mqtt(config: dict[str, Any]) -> dict[str, Any]:
+    from edge.mqtt import parse_broker_url
+
     broker = config.get("broker")
-    parts = urlsplit(broker) if isinstance(broker, str) else None
-    if parts is None or parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-        raise DeviceConfigError(
-            "InvalidAddress", f"mqtt needs configData.broker like mqtt://host:1883, got {broker!r}"
-        )
-    try:
-        port = parts.port or 1883
-    except ValueError:
-        raise DeviceConfigError("InvalidAddress", f"broker {broker!r} has a bad port") from None
-    config.update(broker=broker, host=parts.hostname, port=port)
-    config.setdefault("clientID", "")
-    return config
+    problem = f"got {broker!r}"
+    if isinstance(broker, str):
+        try:
+            host, port = parse_broker_url(broker)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            config.update(broker=broker, host=host, port=port)
+            config.setdefault("clientID", "")
+            return config
+    raise DeviceConfigError(
+        "InvalidAddress", f"mqtt needs configData.broker like mqtt://host:1883: {problem}"
+    )
 
 
 _PROTOCOL_CONFIG = {

@@ -23,6 +23,7 @@ import click
 import trio
 
 from edge.cli_options import data_dir_option
+from edge.datadir import IMAGES_DIR
 from edge.images.auth import Credentials
 from edge.images.errors import ImageError
 from edge.images.index import Image
@@ -31,7 +32,6 @@ from edge.images.reference import Reference
 from edge.images.store import ImageStore
 
 # The same default as the agent's other commands (edge.cli), which import this module.
-IMAGES_DIR = "images"
 
 
 def _size(n: int) -> str:

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edge import defaults
+
 CNI_VERSION = "1.0.0"
 NETWORK_NAME = "outpost"
 BRIDGE = "outpost0"
-SUBNET = ipaddress.IPv4Network("10.88.0.0/16")
+SUBNET = ipaddress.IPv4Network(defaults.POD_SUBNET)
 POD_IFNAME = "eth0"
 
 Command = Literal["ADD", "DEL", "CHECK", "VERSION"]
