@@ -119,7 +119,6 @@ class NodeStream:
     dirty: bool = True
     overflowed: bool = False
     wake: trio.Event = field(default_factory=trio.Event)
-    resent: int = 0
 
     @classmethod
     def fresh(
