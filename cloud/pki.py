@@ -45,7 +45,15 @@ from lightkube.resources.core_v1 import Secret
 
 from cloud.kube import delete_if
 from cloud.kube import ensure_namespace as kube_ensure_namespace
-from edge.identity import MAX_NODE_NAME, IdentityError, Token, ca_hash, parse_token
+from edge.identity import (
+    MAX_NODE_NAME,
+    NODE_ORGANIZATION,
+    IdentityError,
+    Token,
+    ca_hash,
+    node_of,
+    parse_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,6 @@ NAMESPACE = "outpost-system"
 CA_SECRET = "outpost-ca"
 TOKEN_SECRET_PREFIX = "outpost-token-"
 TOKEN_SECRET_TYPE = "outpost.io/bootstrap-token"
-NODE_ORGANIZATION = "outpost:nodes"
 
 _LABELS = {"app.kubernetes.io/managed-by": "outpost-cloud"}
 _CA_VALIDITY = timedelta(days=3650)
@@ -302,15 +309,12 @@ def node_name_from_cert(cert: bytes) -> str:
     subject = parsed.subject
     organizations = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
     names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if NODE_ORGANIZATION not in organizations or len(names) != 1:
-        raise NotANodeCertificate(
-            f"certificate {subject.rfc4514_string()!r} is not a node certificate (O="
-            f"{NODE_ORGANIZATION} and one CN)"
-        )
-    name = names[0]
-    if not isinstance(name, str):
-        raise NotANodeCertificate(f"certificate {subject.rfc4514_string()!r} has a binary CN")
-    return name
+    if not all(isinstance(n, str) for n in (*names, *organizations)):
+        raise NotANodeCertificate(f"certificate {subject.rfc4514_string()!r} has a binary name")
+    try:
+        return node_of(subject.rfc4514_string(), names, organizations)  # type: ignore[arg-type]
+    except IdentityError as exc:
+        raise NotANodeCertificate(str(exc)) from exc
 
 
 def _encode(data: dict[str, bytes]) -> dict[str, str]:

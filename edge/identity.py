@@ -32,6 +32,7 @@ import math
 import os
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,6 +48,9 @@ TOKEN_VERSION = "OPT1"
 IDENTITY_DIR = "identity"
 CA_PATH = "/v1/ca"
 JOIN_PATH = "/v1/join"
+NODE_ORGANIZATION = "outpost:nodes"
+"""The organization (O) every node certificate carries: it tells a node's certificate from any
+other the cloud's CA signs."""
 # X.509 bounds a common name to 64 characters, and the node certificate carries the node name
 # as its common name; Kubernetes would allow 253.
 MAX_NODE_NAME = 64
@@ -253,10 +257,24 @@ def save_identity(data_dir: Path, key: PrivateKey, cert_pem: bytes, ca_pem: byte
     return Identity(node=node, key_path=key_path, cert_path=cert_path, ca_path=ca_path)
 
 
+def node_of(subject: str, common_names: Sequence[str], organizations: Sequence[str]) -> str:
+    """The one rule, for the edge and the cloud alike, that maps a certificate to the node it
+    was issued to: its subject holds O=``NODE_ORGANIZATION`` and exactly one CN, the node's
+    name. ``IdentityError`` otherwise. It reads names only: the certificate must have been
+    verified against the cloud's CA already."""
+    if len(common_names) != 1:
+        raise IdentityError(
+            f"certificate {subject!r} has no single name (CN), so it is not a node certificate"
+        )
+    if NODE_ORGANIZATION not in organizations:
+        raise IdentityError(
+            f"certificate {subject!r} is not a node certificate (O={NODE_ORGANIZATION} and one CN)"
+        )
+    return common_names[0]
+
+
 def _common_name(cert: Certificate) -> str:
-    if len(cert.common_names) != 1:
-        raise IdentityError(f"certificate {cert.subject!r} has no single name")
-    return cert.common_names[0]
+    return node_of(cert.subject, cert.common_names, cert.organizations)
 
 
 def load_identity(data_dir: Path) -> Identity | None:

@@ -49,6 +49,7 @@ __all__ = [
 _MIN_VERSION = 0x3000_0000  # OpenSSL_version_num() of 3.0.0; EVP_PKEY_eq and friends are 3.x
 _OPENSSL_VERSION = 0
 _NID_COMMON_NAME = 13
+_NID_ORGANIZATION_NAME = 17
 _NID_BASIC_CONSTRAINTS = 87
 _MBSTRING_UTF8 = 0x1000
 _BIO_CTRL_INFO = 3
@@ -132,6 +133,8 @@ class Certificate:
     subject: str
     # Every common name in the subject, in order: a subject may hold none or several.
     common_names: tuple[str, ...]
+    # Every organization (O) in the subject, in order.
+    organizations: tuple[str, ...]
     # The BasicConstraints extension's CA flag; False when the extension is absent.
     is_ca: bool
 
@@ -347,16 +350,17 @@ def _name_text(name: int) -> str:
         return _bio_contents(bio).decode("utf-8", "replace")
 
 
-def _common_names(name: int) -> tuple[str, ...]:
+def _name_entries(name: int, nid: int, what: str) -> tuple[str, ...]:
+    """Every entry of the name with ``nid``, in order, as text."""
     lib = _libcrypto()
     names = []
     index = -1
-    while (index := lib.X509_NAME_get_index_by_NID(name, _NID_COMMON_NAME, index)) >= 0:
+    while (index := lib.X509_NAME_get_index_by_NID(name, nid, index)) >= 0:
         data = lib.X509_NAME_ENTRY_get_data(lib.X509_NAME_get_entry(name, index))
         utf8 = c_void_p()
         length = lib.ASN1_STRING_to_UTF8(byref(utf8), data)
         if length < 0:
-            _fail("converting a certificate's common name to UTF-8")
+            _fail(f"converting a certificate's {what} to UTF-8")
         try:
             raw = ctypes.string_at(utf8.value, length) if length else b""
         finally:
@@ -364,7 +368,7 @@ def _common_names(name: int) -> tuple[str, ...]:
         try:
             names.append(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise OpenSSLError(f"a certificate's common name is not UTF-8: {exc}") from exc
+            raise OpenSSLError(f"a certificate's {what} is not UTF-8: {exc}") from exc
     return tuple(names)
 
 
@@ -404,7 +408,8 @@ def _certificate(x509: int) -> Certificate:
     return Certificate(
         der=_der(x509),
         subject=_name_text(subject),
-        common_names=_common_names(subject),
+        common_names=_name_entries(subject, _NID_COMMON_NAME, "common name"),
+        organizations=_name_entries(subject, _NID_ORGANIZATION_NAME, "organization"),
         is_ca=_is_ca(x509),
     )
 

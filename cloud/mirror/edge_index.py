@@ -29,7 +29,7 @@ from typing import Any
 from cloud.devices import resource_body
 from cloud.hub.streams import SourceObject
 from cloud.mirror.pod_refs import Ref, TokenSpec, object_body, pod_body, references, token_specs
-from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND, TOKEN_KIND, object_key
+from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND, TOKEN_KIND, object_key, pod_key
 
 NODE_LABEL = "outpost.io/node"
 
@@ -55,7 +55,7 @@ class PodEntry:
 
     @property
     def key(self) -> str:
-        return object_key(self.namespace, "Pod", self.name)
+        return self.obj.key
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class EdgeIndex:
             name=meta["name"],
             obj=SourceObject(
                 uid,
-                object_key(namespace, "Pod", meta["name"]),
+                pod_key(pod),
                 meta["resourceVersion"],
                 pod_body(pod),
             ),

@@ -9,6 +9,7 @@ import re
 import ssl
 import stat
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cloud import bootstrap
-from cloud.pki import CertificateAuthority
+from cloud.pki import CertificateAuthority, NotANodeCertificate, node_name_from_cert
 from edge import identity
 from edge.identity import IdentityError
 from edge.openssl import PrivateKey
@@ -244,3 +245,36 @@ async def test_join_reports_a_server_that_is_not_an_outpost_cloud(tmp_path, nurs
     with pytest.raises(IdentityError, match=re.escape("refused /v1/join (HTTP 404)")):
         await identity.join(f"https://127.0.0.1:{port}", token, "gw-1", tmp_path / "edge")
     assert identity.load_identity(tmp_path / "edge") is None
+
+
+@pytest.mark.parametrize(
+    ("common_names", "organizations", "error"),
+    [
+        (("gw-1",), ("outpost:nodes",), None),
+        (("gw-1",), ("other", "outpost:nodes"), None),
+        (("gw-1", "gw-2"), ("outpost:nodes",), "has no single name"),
+        ((), ("outpost:nodes",), "has no single name"),
+        (("gw-1",), (), "is not a node certificate"),
+        (("gw-1",), ("outpost:node",), "is not a node certificate"),
+    ],
+)
+def test_one_rule_maps_a_certificate_to_its_node(
+    common_names: tuple[str, ...], organizations: tuple[str, ...], error: str | None
+) -> None:
+    if error is None:
+        assert identity.node_of("CN=x", common_names, organizations) == "gw-1"
+    else:
+        with pytest.raises(IdentityError, match=error):
+            identity.node_of("CN=x", common_names, organizations)
+
+
+def test_the_edge_and_the_cloud_read_the_same_node_from_a_certificate(tmp_path: Path) -> None:
+    ca = CertificateAuthority.generate()
+    key, cert_pem = _issue(ca, "gw-7")
+    assert identity.save_identity(tmp_path, key, cert_pem, ca.cert_pem).node == "gw-7"
+    assert node_name_from_cert(cert_pem) == "gw-7"
+    server_pem, _ = ca.issue_server_cert(["localhost"])
+    with pytest.raises(NotANodeCertificate):
+        node_name_from_cert(server_pem)
+    with pytest.raises(IdentityError, match="not a node certificate"):
+        identity.save_identity(tmp_path, key, server_pem, ca.cert_pem)
