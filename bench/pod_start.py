@@ -13,11 +13,13 @@ Each pod is a hostNetwork busybox whose command touches /tmp/started and then lo
 exec readiness probe (periodSeconds 1) that touches /tmp/ready the first time it runs.
 
 - Admitted: the agent's ``pod admitted`` log line (its reconcile took the pod up). A manifest
-  written to the folder waits for the next reconcile first: standalone, the folder is read again
-  every 5 s, or at once after a pod's stop has finished; that wait is printed apart.
+  written to the folder waits for the folder to be read first: standalone, the manifest writer
+  reads it again every 3 s (``edge.manifests.RESCAN_S``) and the pod manager reconciles as
+  soon as the store changed; that wait is printed apart.
 - Running: the agent's ``container started`` log line (after ``runc start``).
-- Ready: the first status report with the Ready condition True, seen in the store's outbox
-  (read-only SQLite queries every 10 ms; the agent reports at most 5 times a second per pod).
+- Ready: every container ready in the pod's status summary, which the agent commits with each
+  status report (``pod-status/<uid>`` in the store's local state; read-only SQLite queries
+  every 10 ms; the agent reports at most 5 times a second per pod).
 
 Both log timestamps are the agent's own (wall clock, millisecond resolution). ``--pods`` pods
 are started one at a time: the next manifest is written (and the previous one removed) once
@@ -66,6 +68,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from edge.pods.status import SUMMARY_STATE  # noqa: E402
 from edge.store.schema import unpack  # noqa: E402
 from tests.podkit import busybox_registry  # noqa: E402
 
@@ -333,7 +336,7 @@ async def mounts_under(folder: Path) -> list[str]:
 
 
 class Observer:
-    """Follows the agent's log and the status reports in its outbox."""
+    """Follows the agent's log and the pods' status summaries in its store."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -351,7 +354,7 @@ class Observer:
         try:
             while True:
                 self._read_log()
-                self._read_outbox()
+                self._read_summaries()
                 await trio.sleep(POLL_S)
         finally:
             if self._db is not None:
@@ -385,10 +388,13 @@ class Observer:
             pod.started = parse_ts(fields["ts"])
             pod.started_seen.set()
 
-    def _read_outbox(self) -> None:
-        """Status reports are coalesced per pod and, standalone, never sent: each pod's row
-        holds its latest status."""
-        waiting = {p.key: p for p in self.pods.values() if p.admitted and not p.ready}
+    def _read_summaries(self) -> None:
+        """Each pod's status summary, which the agent commits with every status report (the
+        store's local state, ``pod-status/<uid>``, what `outpost status` shows): a pod is Ready
+        once every container is."""
+        waiting = {
+            SUMMARY_STATE + p.uid: p for p in self.pods.values() if p.admitted and not p.ready
+        }
         if not waiting:
             return
         if self._db is None:
@@ -397,16 +403,13 @@ class Observer:
             self._db.setbusytimeout(1000)
         marks = ",".join("?" * len(waiting))
         rows = self._db.execute(
-            f"SELECT key, body FROM outbox WHERE op = 'status' AND key IN ({marks})",
-            tuple(waiting),
+            f"SELECT key, value FROM local_state WHERE key IN ({marks})", tuple(waiting)
         ).fetchall()
         now = time.time()
-        for key, body in rows:
-            report = unpack(body)
+        for key, value in rows:
+            summary = unpack(value)
             pod = waiting[key]
-            conditions = report.get("status", {}).get("conditions", [])
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-            if report.get("uid") == pod.uid and ready:
+            if summary["containers"] and summary["ready"] == summary["containers"]:
                 pod.ready = now
                 pod.ready_seen.set()
 
