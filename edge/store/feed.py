@@ -43,15 +43,6 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.objects or self.state or self.outbox or self.everything)
 
-    def merge(self, other: Changes, limit: int = DEFAULT_LIMIT) -> Changes:
-        """Both sets of changes; ``everything`` once more than ``limit`` keys would be held."""
-        if self.everything or other.everything:
-            return EVERYTHING
-        objects, state = self.objects | other.objects, self.state | other.state
-        if len(objects) + len(state) > limit:
-            return EVERYTHING
-        return Changes(objects, state, self.outbox or other.outbox)
-
     def kinds(self, *kinds: str) -> frozenset[str]:
         """The changed object keys whose kind is one of ``kinds``."""
         return frozenset(key for key in self.objects if kinds_of(key) in kinds)
@@ -79,29 +70,83 @@ EVERYTHING = Changes(everything=True)
 NOTHING = Changes()
 
 
-def objects_changed(keys: Iterable[str]) -> Changes:
-    return Changes(objects=frozenset(keys))
+class Pending:
+    """Changes being gathered (by a transaction, for a subscriber), bounded by ``limit`` keys
+    like a subscription; adding a key costs the same however many are held."""
+
+    __slots__ = ("everything", "limit", "objects", "outbox", "state")
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        self.limit = limit
+        self.objects: set[str] = set()
+        self.state: set[str] = set()
+        self.outbox = False
+        self.everything = False
+
+    def __bool__(self) -> bool:
+        return bool(self.objects or self.state or self.outbox or self.everything)
+
+    def add_objects(self, keys: Iterable[str]) -> None:
+        if not self.everything:
+            self.objects.update(keys)
+            self._bound()
+
+    def add_state(self, key: str) -> None:
+        if not self.everything:
+            self.state.add(key)
+            self._bound()
+
+    def add_outbox(self) -> None:
+        self.outbox = True
+
+    def add(self, changes: Changes | Pending) -> None:
+        self.outbox = self.outbox or changes.outbox
+        if changes.everything:
+            self._all()
+        elif not self.everything:
+            self.objects.update(changes.objects)
+            self.state.update(changes.state)
+            self._bound()
+
+    def take(self) -> Changes:
+        """What was gathered, as plain data; nothing is held afterwards."""
+        if self.everything:
+            taken = EVERYTHING
+        elif self:
+            taken = Changes(frozenset(self.objects), frozenset(self.state), self.outbox)
+        else:
+            taken = NOTHING
+        self.objects, self.state, self.outbox, self.everything = set(), set(), False, False
+        return taken
+
+    def _bound(self) -> None:
+        if len(self.objects) + len(self.state) > self.limit:
+            self._all()
+
+    def _all(self) -> None:
+        self.everything = True
+        self.objects.clear()
+        self.state.clear()
 
 
 class Subscription:
     """One reader's view of the feed; made by ``ChangeFeed.subscribe``."""
 
     def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._pending = EVERYTHING
+        self._pending = Pending(limit)
+        self._pending.add(EVERYTHING)
         self._ready = trio.Event()
         self._ready.set()
 
     def _add(self, changes: Changes) -> None:
-        self._pending = self._pending.merge(changes, self._limit)
+        self._pending.add(changes)
         self._ready.set()
 
     async def next(self) -> Changes:
         """Wait until something changed, then take everything changed since the last call."""
         await self._ready.wait()
-        changes, self._pending = self._pending, NOTHING
         self._ready = trio.Event()
-        return changes
+        return self._pending.take()
 
     def __aiter__(self) -> Subscription:
         return self

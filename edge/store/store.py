@@ -37,7 +37,7 @@ import apsw
 
 from edge import defaults
 from edge.store import outbox
-from edge.store.feed import NOTHING, Changes
+from edge.store.feed import Changes, Pending
 from edge.store.outbox import ReportResult
 from edge.store.schema import LATEST, MIGRATIONS, pack, unpack
 from edge.wire.events import DOWNSTREAM_OPS, UPSTREAM_OPS, Message, Op
@@ -122,8 +122,8 @@ class Store:
         self._depth = 0
         # What each open transaction level changed, and what committed ones did since the last
         # take_changes(): the change feed's input (edge.store.feed).
-        self._changing: list[Changes] = []
-        self._committed = NOTHING
+        self._changing: list[Pending] = []
+        self._committed = Pending()
         try:
             self._db = apsw.Connection(self.path)
         except apsw.Error as exc:
@@ -210,7 +210,7 @@ class Store:
         except apsw.Error as exc:
             raise self._failure(f"{what}: cannot start a transaction", exc) from exc
         self._depth = depth + 1
-        self._changing.append(NOTHING)
+        self._changing.append(Pending())
         try:
             yield
         except BaseException as exc:
@@ -228,9 +228,9 @@ class Store:
             self._undo(savepoint)
             raise self._failure(f"{what}: commit failed", exc) from exc
         if depth:
-            self._changing[-1] = self._changing[-1].merge(changes)
+            self._changing[-1].add(changes)
         else:
-            self._committed = self._committed.merge(changes)
+            self._committed.add(changes)
             if self._db.total_changes() != before:
                 self.commits += 1
 
@@ -252,9 +252,10 @@ class Store:
             self._db.execute(f"ROLLBACK TO {savepoint}")
             self._db.execute(f"RELEASE {savepoint}")
 
-    def _changed(self, changes: Changes) -> None:
-        """Record what the innermost open transaction changed; kept only if it commits."""
-        self._changing[-1] = self._changing[-1].merge(changes)
+    @property
+    def _changed(self) -> Pending:
+        """What the innermost open transaction changed; kept only if it commits."""
+        return self._changing[-1]
 
     def take_changes(self) -> Changes:
         """What the transactions committed since the last call changed (``edge.store.feed``).
@@ -262,8 +263,7 @@ class Store:
         Bounded like a feed subscription: past ``feed.DEFAULT_LIMIT`` keys it says
         ``everything``, so a caller that never takes them (a benchmark, a CLI) holds little.
         """
-        changes, self._committed = self._committed, NOTHING
-        return changes
+        return self._committed.take()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -371,7 +371,7 @@ class Store:
             self._db.execute("DELETE FROM objects WHERE key = ?", (message.key,))
             if not self._db.changes():
                 return False
-            self._changed(Changes(objects=frozenset([message.key])))
+            self._changed.add_objects([message.key])
             return True
         if message.op == Op.SYNC:
             gone = [
@@ -382,7 +382,7 @@ class Store:
                     (json.dumps(message.body),),
                 )
             ]
-            self._changed(Changes(objects=frozenset(gone)))
+            self._changed.add_objects(gone)
             return bool(gone)
         stored = self._db.execute("SELECT rv FROM objects WHERE key = ?", (message.key,)).fetchone()
         # An empty rv says nothing about the version, so it never counts as "already stored".
@@ -398,7 +398,7 @@ class Store:
             " SET rv = excluded.rv, body = excluded.body, updated_at = excluded.updated_at",
             (key, kind, rv, body, time.time()),
         )
-        self._changed(Changes(objects=frozenset([key])))
+        self._changed.add_objects([key])
 
     def replace_objects(self, objects: Mapping[str, tuple[str, Any]]) -> tuple[str, ...]:
         """Make the stored objects exactly ``objects`` (key -> ``(rv, body)``), in one commit;
@@ -427,7 +427,7 @@ class Store:
                 changed.append(key)
             if changed:
                 self._db.execute("UPDATE inbound SET hwm = 0")
-                self._changed(Changes(objects=frozenset(changed)))
+                self._changed.add_objects(changed)
         return tuple(changed)
 
     def get(self, key: str) -> tuple[str, Any] | None:
@@ -484,7 +484,7 @@ class Store:
                 self._db, upstream, key, rv, packed, coalesce_key, self.outbox_budget
             )
             if result != ReportResult.DROPPED:
-                self._changed(Changes(outbox=True))
+                self._changed.add_outbox()
             return result
 
     def take_for_send(self, limit: int) -> list[Message]:
@@ -585,7 +585,7 @@ class Store:
         with self._write(f"deleting local state {key!r}"):
             self._db.execute("DELETE FROM local_state WHERE key = ?", (key,))
             if self._db.changes():
-                self._changed(Changes(state=frozenset([key])))
+                self._changed.add_state(key)
 
     def set_state(self, key: str, value: Any) -> None:
         """Store any msgpack-able ``value`` under ``key``, replacing what was there."""
@@ -599,4 +599,4 @@ class Store:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, packed),
             )
-            self._changed(Changes(state=frozenset([key])))
+            self._changed.add_state(key)
