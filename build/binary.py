@@ -179,6 +179,7 @@ BYTECODE = [
     "attrs",
     "tenacity",
     "yaml",
+    "inotify_simple",
     "paho",
     "pymodbus",
     "minimalmodbus",

@@ -3,9 +3,10 @@
 ``read_folder`` is the one reader of the folder's YAML and JSON files; ``desired_objects`` turns
 what it read into the objects the store holds (``namespace/Kind/name`` -> ``(rv, body)``), with
 ``manifest_uid`` as the one rule that gives an object without a uid its identity.
-``ManifestWriter`` reads the folder every ``rescan_s`` and, when it changed, makes the store's
-objects match it in one commit (``Store.replace_objects``). Pods and devices then run from the
-store through the same code path as a joined gateway's: they follow the store's change feed.
+``ManifestWriter`` reads the folder whenever the kernel says it changed (inotify), and every
+``rescan_s`` besides, and when what it read changed it makes the store's objects match it in one
+commit (``Store.replace_objects``). Pods and devices then run from the store through the same
+code path as a joined gateway's: they follow the store's change feed.
 
 What a user may rely on: files that cannot be read, and documents that are not Kubernetes
 objects or of a kind that does not run standalone, are logged and skipped, never fatal; an
@@ -23,6 +24,7 @@ from typing import Any
 
 import trio
 import yaml
+from inotify_simple import INotify, flags
 
 from edge.store.aio import AsyncStore
 from edge.store.store import StoreError
@@ -31,8 +33,26 @@ from edge.wire.keys import DEVICE_KIND, DEVICE_MODEL_KIND
 log = logging.getLogger("edge.manifests")
 
 SUFFIXES = (".yaml", ".yml", ".json")
-RESCAN_S = 3.0
-"""How often the folder is read again: edits take effect within this."""
+RESCAN_S = 60.0
+"""How often the folder is read again without the kernel saying it changed: a safety net for
+changes inotify does not report (a folder on a network file system, one replaced whole)."""
+UNWATCHED_RESCAN_S = 3.0
+"""How often a folder that cannot be watched (missing, say) is read again."""
+SETTLE_S = 0.05
+"""How long to let a burst of changes settle (an editor's save, a copy of many files) before
+reading the folder, so that it is read once."""
+# What changes a folder's manifests: files added, removed, renamed, written or chmod-ed, and
+# the folder itself going away.
+_WATCH = (
+    flags.CREATE
+    | flags.DELETE
+    | flags.CLOSE_WRITE
+    | flags.MOVED_TO
+    | flags.MOVED_FROM
+    | flags.ATTRIB
+    | flags.DELETE_SELF
+    | flags.MOVE_SELF
+)
 
 STANDALONE_KINDS = ("Pod", "ConfigMap", "Secret", DEVICE_KIND, DEVICE_MODEL_KIND)
 # Kinds that run on a node, so get a uid and spec.nodeName.
@@ -119,13 +139,21 @@ class ManifestWriter:
     """Keeps the store's objects equal to the folder's (see the module docstring)."""
 
     def __init__(
-        self, folder: Path, node: str, aio: AsyncStore, *, rescan_s: float = RESCAN_S
+        self,
+        folder: Path,
+        node: str,
+        aio: AsyncStore,
+        *,
+        rescan_s: float = RESCAN_S,
+        unwatched_rescan_s: float = UNWATCHED_RESCAN_S,
     ) -> None:
         self.folder = folder
         self.node = node
         self.aio = aio
         self.rescan_s = rescan_s
+        self.unwatched_rescan_s = unwatched_rescan_s
         self._last: dict[str, tuple[str, Any]] | None = None
+        self._watched = True
 
     async def sync(self) -> None:
         """Read the folder once and write what changed."""
@@ -143,10 +171,31 @@ class ManifestWriter:
             log.info("manifests changed", extra={"objects": len(objects), "changed": len(changed)})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sync now (``task_status.started`` once the store holds the folder), then every
-        ``rescan_s``."""
-        await self.sync()
-        task_status.started()
-        while True:
-            await trio.sleep(self.rescan_s)
+        """Sync now (``task_status.started`` once the store holds the folder), then each time
+        the folder changes, and every ``rescan_s`` besides."""
+        with INotify(nonblocking=True) as inotify:
+            watched = self._watch(inotify)
             await self.sync()
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.rescan_s if watched else self.unwatched_rescan_s):
+                    await trio.lowlevel.wait_readable(inotify.fileno())
+                    await trio.sleep(SETTLE_S)
+                inotify.read(timeout=0)
+                watched = self._watch(inotify)
+                await self.sync()
+
+    def _watch(self, inotify: INotify) -> bool:
+        """Watch the folder (again: it may have been replaced); False when it cannot be."""
+        try:
+            inotify.add_watch(self.folder, _WATCH)
+        except OSError as exc:
+            if self._watched:
+                log.warning(
+                    "cannot watch the manifests folder; reading it every few seconds",
+                    extra={"folder": str(self.folder), "error": str(exc)},
+                )
+            self._watched = False
+        else:
+            self._watched = True
+        return self._watched

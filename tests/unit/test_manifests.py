@@ -14,6 +14,7 @@ from edge.manifests import ManifestWriter, desired_objects, manifest_uid, read_f
 from edge.store import Store
 from edge.store.aio import AsyncStore
 from edge.wire.events import Message, Op
+from tests.waiting import eventually
 
 
 def model() -> dict[str, Any]:
@@ -131,3 +132,37 @@ async def test_the_writer_makes_the_store_hold_the_folder(tmp_path: Path) -> Non
                 assert changes.objects == {"default/Pod/p", "default/ConfigMap/c", "default/Pod/q"}
                 assert [k for k, _, _ in store.list("Pod")] == ["default/Pod/q"]
                 nursery.cancel_scope.cancel()
+
+
+async def test_an_edit_is_picked_up_when_the_kernel_says_so_not_at_the_next_rescan(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    with Store(tmp_path / "store.db") as store:
+        aio = AsyncStore(store)
+        writer = ManifestWriter(folder, "gw", aio, rescan_s=3600)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            assert store.list("Pod") == []
+            with trio.fail_after(5):  # far less than the rescan
+                write(folder, "a.yaml", pod("p"))
+                await eventually(lambda: store.list("Pod"), "the new pod stored")
+                (folder / "a.yaml").rename(folder / "a.yaml.off")  # set aside, as editors do
+                await eventually(lambda: not store.list("Pod"), "the pod set aside is gone")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_folder_that_is_not_there_yet_is_read_until_it_is(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    with Store(tmp_path / "store.db") as store:
+        aio = AsyncStore(store)
+        writer = ManifestWriter(folder, "gw", aio, rescan_s=3600, unwatched_rescan_s=0.05)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            folder.mkdir()
+            write(folder, "a.yaml", pod("p"))
+            await eventually(lambda: store.list("Pod"), "the pod stored", within=5)
+            write(folder, "b.yaml", pod("q"))  # watched from now on
+            await eventually(lambda: len(store.list("Pod")) == 2, "the second pod", within=5)
+            nursery.cancel_scope.cancel()
