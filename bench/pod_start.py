@@ -14,7 +14,7 @@ exec readiness probe (periodSeconds 1) that touches /tmp/ready the first time it
 
 - Admitted: the agent's ``pod admitted`` log line (its reconcile took the pod up). A manifest
   written to the folder waits for the folder to be read first: standalone, the manifest writer
-  reads it again every 3 s (``edge.manifests.RESCAN_S``) and the pod manager reconciles as
+  reads it when inotify says it changed (``edge.manifests``) and the pod manager reconciles as
   soon as the store changed; that wait is printed apart.
 - Running: the agent's ``container started`` log line (after ``runc start``).
 - Ready: every container ready in the pod's status summary, which the agent commits with each
