@@ -19,7 +19,12 @@ from cloud.hub.ownership import sanitize_id
 from cloud.hub.server import HubSettings
 from cloud.mirror.controller import ControllerSettings
 from edge import logs
-from edge.cli_shared import validate_cloud_url, validate_node_name, version_info
+from edge.cli_shared import (
+    log_level_option,
+    validate_cloud_url,
+    validate_node_name,
+    version_info,
+)
 from edge.mqtt import parse_broker_url
 from edge.version import __version__
 
@@ -57,14 +62,7 @@ def validate_listen(ctx: click.Context, param: click.Parameter, value: str) -> t
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    envvar="OUTPOST_LOG_LEVEL",
-    help="Least severe log level written to stderr.",
-)
+@log_level_option
 @click.version_option(__version__, "-V", "--version", prog_name="outpost-cloud")
 def cli(log_level: str) -> None:
     """Outpost cloud service: holds the edge gateways' connections and mirrors their pods,

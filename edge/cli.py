@@ -18,7 +18,12 @@ import click
 
 from edge import defaults, logs
 from edge.cli_options import data_dir_option
-from edge.cli_shared import validate_cloud_url, validate_node_name, version_info
+from edge.cli_shared import (
+    log_level_option,
+    validate_cloud_url,
+    validate_node_name,
+    version_info,
+)
 from edge.version import __version__, build_info
 from edge.wire.keys import split_key
 
@@ -57,14 +62,7 @@ class LazyGroup(click.Group):
     lazy={"image": "edge.images.cli:image", "device": "edge.devices.cli:device"},
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    envvar="OUTPOST_LOG_LEVEL",
-    help="Least severe log level written to stderr.",
-)
+@log_level_option
 @click.version_option(__version__, "-V", "--version", prog_name="outpost")
 def cli(log_level: str) -> None:
     """Outpost edge agent: runs pods on runc, talks to field devices, and keeps working while

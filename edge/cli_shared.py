@@ -1,5 +1,6 @@
 """What the two command lines, ``outpost`` (``edge.cli``) and ``outpost-cloud``
-(``cloud.cli``), share: the rules for a node name and a cloud URL, and the version report.
+(``cloud.cli``), share: the rules for a node name and a cloud URL, the version report and the
+log-level option.
 
 Light on purpose: ``outpost version`` imports it, and must not load the agent.
 """
@@ -45,3 +46,14 @@ def validate_cloud_url(ctx: click.Context, param: click.Parameter, value: str) -
     if parts.scheme != "https" or not parts.hostname:
         raise click.BadParameter(f"{value!r} is not an https:// URL of an outpost-cloud")
     return value
+
+
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="OUTPOST_LOG_LEVEL",
+    help="Least severe log level written to stderr.",
+)
+"""Both commands' ``--log-level``: the same levels, default and environment variable."""
