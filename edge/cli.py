@@ -86,7 +86,7 @@ def cli(log_level: str) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     envvar="OUTPOST_MANIFESTS",
     help="Folder of manifests (YAML) run in standalone mode: Pods with their ConfigMaps and"
-    " Secrets, and Devices with their DeviceModels.",
+    " Secrets, and Devices with their DeviceModels. Watched: changes take effect at once.",
 )
 @click.option(
     "--cloud",
