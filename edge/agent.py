@@ -97,9 +97,7 @@ async def run(options: RunOptions) -> None:
                         await nursery.start(writer.run)
                     else:
                         assert hub_config is not None
-                        await _start_hub(
-                            nursery, aio, upstream, services.runc, hub_config, data_dir
-                        )
+                        _start_hub(nursery, aio, upstream, services.runc, hub_config, data_dir)
                     nursery.start_soon(pods.run)
                     nursery.start_soon(devices.run)
                     if options.eventbus:
@@ -125,7 +123,7 @@ async def run(options: RunOptions) -> None:
                 )
 
 
-async def _start_hub(
+def _start_hub(
     nursery: trio.Nursery,
     aio: AsyncStore,
     upstream: Upstream,

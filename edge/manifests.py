@@ -70,7 +70,14 @@ def read_folder(folder: Path) -> list[dict[str, Any]]:
         except (OSError, yaml.YAMLError) as exc:
             log.warning("cannot read manifest", extra={"file": str(path), "error": str(exc)})
             continue
-        for document in loaded:
+        for loaded_document in loaded:
+            try:
+                # As kubectl reads YAML: JSON values only, so a timestamp is a string and a
+                # number used as a key is one too; an alias that refers to itself is refused.
+                document = json.loads(json.dumps(loaded_document, default=str))
+            except (TypeError, ValueError) as exc:
+                log.warning("not a JSON object", extra={"file": str(path), "error": str(exc)})
+                continue
             if not isinstance(document, dict) or not isinstance(document.get("kind"), str):
                 log.warning("not a Kubernetes object", extra={"file": str(path)})
                 continue
@@ -111,10 +118,13 @@ def desired_objects(documents: list[dict[str, Any]], node: str) -> dict[str, tup
             )
             continue
         meta = document["metadata"]
-        meta.setdefault("namespace", "default")
+        namespace = meta.setdefault("namespace", "default")
         name = meta.get("name")
-        if not isinstance(name, str) or not name or "/" in name:
-            log.warning("an object without a usable name", extra={"kind": kind, "object": name})
+        if not _usable(name) or not _usable(namespace):
+            log.warning(
+                "an object without a usable name or namespace",
+                extra={"kind": kind, "object": name, "namespace": namespace},
+            )
             continue
         if kind in _BOUND_KINDS:
             spec = document.get("spec")
@@ -131,8 +141,13 @@ def desired_objects(documents: list[dict[str, Any]], node: str) -> dict[str, tup
             spec["nodeName"] = node
         body = json.dumps(document, sort_keys=True)
         rv = hashlib.sha256(body.encode()).hexdigest()[:16]
-        objects[f"{meta['namespace']}/{kind}/{name}"] = (rv, document)
+        objects[f"{namespace}/{kind}/{name}"] = (rv, document)
     return objects
+
+
+def _usable(name: object) -> bool:
+    """A name or namespace that can stand in a store key ``namespace/Kind/name``."""
+    return isinstance(name, str) and bool(name) and "/" not in name
 
 
 class ManifestWriter:

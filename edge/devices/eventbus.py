@@ -632,7 +632,10 @@ class EventBus:
             views = await aio.run(load_views, aio.store)
         else:
             keys = sorted(changes.states(VIEW_STATE_PREFIX))
-            found = [await aio.get_state(key) for key in keys]
+            # One trip to the store's thread for all of them: a twin report changes one or two.
+            found = (
+                await aio.run(lambda: [aio.store.get_state(key) for key in keys]) if keys else []
+            )
             views = [view for view in found if view is not None]
         for view in views:
             self.on_view(view)

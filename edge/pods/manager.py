@@ -28,6 +28,7 @@ import trio
 from edge.hub.link import LINK_STATE_KEY, LinkWatch
 from edge.pods import process
 from edge.pods.cni import CniError
+from edge.pods.containers import all_containers
 from edge.pods.network import PodNetworkError
 from edge.pods.resolver import referenced_objects
 from edge.pods.runc import RuncError
@@ -39,7 +40,7 @@ from edge.pods.volumes import VolumeError
 from edge.store.aio import AsyncStore
 from edge.store.feed import Changes
 from edge.upstream import Upstream
-from edge.wire.keys import TOKEN_KIND, pod_key
+from edge.wire.keys import TOKEN_KIND, pod_key, split_key
 
 log = logging.getLogger("edge.pods")
 
@@ -113,8 +114,7 @@ class PodManager:
         volumes and retry a start that waited for it."""
         changed = set()
         for key in keys:
-            namespace, _, rest = key.partition("/")
-            kind, _, name = rest.partition("/")
+            namespace, kind, name = split_key(key)
             if kind in OBJECT_KINDS:
                 changed.add((namespace, kind, name))
         if not changed:
@@ -173,10 +173,7 @@ class PodManager:
             in_use = {
                 c.get("image", "")
                 for supervisor in list(self.supervisors.values())
-                for c in (
-                    *supervisor.pod["spec"].get("initContainers", []),
-                    *supervisor.pod["spec"].get("containers", []),
-                )
+                for c in all_containers(supervisor.pod)
             }
             result = await trio.to_thread.run_sync(self.s.runtime.images.gc, in_use)
             if result.removed_images or result.removed_blobs:
@@ -307,6 +304,4 @@ def _grace_s(pod: dict[str, Any] | None) -> float | None:
 
 
 def _hashes(pod: dict[str, Any]) -> list[str]:
-    spec = pod.get("spec", {})
-    containers = (*spec.get("initContainers", []), *spec.get("containers", []))
-    return [container_hash(c) for c in containers]
+    return [container_hash(c) for c in all_containers(pod)]

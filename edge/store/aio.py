@@ -26,9 +26,9 @@ T = TypeVar("T")
 
 
 class AsyncStore:
-    def __init__(self, store: Store, feed: ChangeFeed | None = None) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.feed = feed if feed is not None else ChangeFeed()
+        self.feed = ChangeFeed()
         self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

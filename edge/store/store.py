@@ -422,12 +422,13 @@ class Store:
                     continue
                 self._put(key, kind, rv, packed)
                 changed.append(key)
-            for key in sorted(stored.keys() - objects.keys()):
+            gone = sorted(stored.keys() - objects.keys())
+            for key in gone:
                 self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
-                changed.append(key)
+            self._changed.add_objects(gone)
+            changed.extend(gone)
             if changed:
                 self._db.execute("UPDATE inbound SET hwm = 0")
-                self._changed.add_objects(changed)
         return tuple(changed)
 
     def get(self, key: str) -> tuple[str, Any] | None:

@@ -166,3 +166,39 @@ async def test_a_folder_that_is_not_there_yet_is_read_until_it_is(tmp_path: Path
             write(folder, "b.yaml", pod("q"))  # watched from now on
             await eventually(lambda: len(store.list("Pod")) == 2, "the second pod", within=5)
             nursery.cancel_scope.cancel()
+
+
+def test_yaml_values_json_cannot_hold_are_read_as_kubectl_reads_them(tmp_path: Path) -> None:
+    """A timestamp and a number used as a key become strings; an alias that holds itself is
+    skipped. Either way the folder's other objects are still read."""
+    (tmp_path / "a.yaml").write_text(
+        "kind: ConfigMap\n"
+        "metadata: {name: dated, annotations: {since: 2024-01-02}}\n"
+        "data: {1: one}\n"
+        "---\n"
+        "kind: ConfigMap\n"
+        "metadata: {name: loop}\n"
+        "data: &self {again: *self}\n"
+    )
+    write(tmp_path, "b.yaml", pod("p"))
+    objects = desired_objects(read_folder(tmp_path), "gw")
+    assert sorted(objects) == ["default/ConfigMap/dated", "default/Pod/p"]
+    dated = objects["default/ConfigMap/dated"][1]
+    assert dated["metadata"]["annotations"] == {"since": "2024-01-02"}
+    assert dated["data"] == {"1": "one"}
+
+
+async def test_a_bad_namespace_is_skipped_and_the_rest_still_reaches_the_store(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    bad = pod("bad")
+    bad["metadata"]["namespace"] = "a/b"
+    odd = pod("odd")
+    odd["metadata"]["namespace"] = 7
+    write(folder, "a.yaml", bad, odd, pod("good"))
+    with Store(tmp_path / "store.db") as store:
+        writer = ManifestWriter(folder, "gw", AsyncStore(store))
+        await writer.sync()
+        assert [key for key, _, _ in store.list("Pod")] == ["default/Pod/good"]
