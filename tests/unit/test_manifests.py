@@ -7,11 +7,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import yaml
 
 from edge.manifests import ManifestWriter, desired_objects, manifest_uid, read_folder
-from edge.store import Store
+from edge.store import Store, StoreError
 from edge.store.aio import AsyncStore
 from edge.wire.events import Message, Op
 from tests.waiting import eventually
@@ -202,3 +203,24 @@ async def test_a_bad_namespace_is_skipped_and_the_rest_still_reaches_the_store(
         writer = ManifestWriter(folder, "gw", AsyncStore(store))
         await writer.sync()
         assert [key for key, _, _ in store.list("Pod")] == ["default/Pod/good"]
+
+
+async def test_a_store_that_refuses_the_folder_gets_it_at_the_next_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    write(folder, "a.yaml", pod("p"))
+    with Store(tmp_path / "store.db") as store:
+        writer = ManifestWriter(folder, "gw", AsyncStore(store))
+        real = store.replace_objects
+
+        def full_disk(objects: Any) -> tuple[str, ...]:
+            raise StoreError(f"{store.path}: replacing the desired objects failed: disk full")
+
+        monkeypatch.setattr(store, "replace_objects", full_disk)
+        await writer.sync()  # logged, not raised: the agent goes on
+        assert store.list("Pod") == []
+        monkeypatch.setattr(store, "replace_objects", real)
+        await writer.sync()  # the folder did not change, but it was never stored
+        assert [key for key, _, _ in store.list("Pod")] == ["default/Pod/p"]
