@@ -49,6 +49,8 @@ __all__ = [
 _MIN_VERSION = 0x3000_0000  # OpenSSL_version_num() of 3.0.0; EVP_PKEY_eq and friends are 3.x
 _OPENSSL_VERSION = 0
 _NID_COMMON_NAME = 13
+# How PEM marks an encrypted key: PKCS#8's own label, or the traditional format's header.
+_ENCRYPTED_PEM = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
 _NID_ORGANIZATION_NAME = 17
 _NID_BASIC_CONSTRAINTS = 87
 _MBSTRING_UTF8 = 0x1000
@@ -252,8 +254,14 @@ def _start() -> ctypes.CDLL:
 @contextmanager
 def _key(key: PrivateKey) -> Iterator[int]:
     lib = _libcrypto()
-    # A non-NULL passphrase stops OpenSSL from prompting on the terminal for an encrypted key:
-    # it is tried as the (empty) passphrase, and the read fails.
+    # Refused before OpenSSL tries it: decrypting with a wrong passphrase fails with "bad
+    # decrypt" only most of the time, and otherwise (one time in 256 or so, when the padding
+    # happens to check out) with an ASN.1 error that says nothing of encryption.
+    if any(marker in key.pem for marker in _ENCRYPTED_PEM):
+        raise OpenSSLError(
+            "reading a PEM private key: the key is encrypted; Outpost reads unencrypted keys only"
+        )
+    # A non-NULL passphrase stops OpenSSL from ever prompting on the terminal.
     with (
         _reading_bio(key.pem) as bio,
         _owned(
